@@ -1,0 +1,230 @@
+"""Training end to end on tiny random models: full, LoRA, QLoRA; saved layout; dry runs of shipped recipes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oasst_peft.config import load_recipe, recipe_from_dict
+from oasst_peft.errors import OasstError
+from oasst_peft.train import train
+from tests.tiny import make_model, make_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+STYLE = {"gpt_neox": "neox", "llama": "llama", "bloom": "bloom"}
+
+
+def conversations_file(path: Path) -> Path:
+    """A small messages-format JSONL file (the generic local format)."""
+    rows = []
+    for i in range(12):
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"what is {i} plus two"},
+                    {"role": "assistant", "content": f"the answer is {i + 2}"},
+                    {"role": "user", "content": "thank you"},
+                    {"role": "assistant", "content": "you are welcome"},
+                ]
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tiny_base(tmp_path: Path, arch: str = "gpt_neox", hidden: int = 64) -> Path:
+    tok = make_tokenizer(STYLE[arch])
+    model = make_model(arch, tok, hidden=hidden)
+    out = tmp_path / f"base-{arch}"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_recipe(tmp_path: Path, arch: str = "gpt_neox", mode: str = "lora", **extra):
+    base = tiny_base(tmp_path, arch)
+    data = conversations_file(tmp_path / "convs.jsonl")
+    d = {
+        "model_name": str(base),
+        "dtype": "fp32",
+        "max_length": 64,
+        "learning_rate": 5e-3,
+        "warmup_steps": 0,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "eval_steps": 2,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "output_dir": str(tmp_path / "run"),
+        "datasets": [{"chat": {"data_files": str(data), "format": "messages", "val_split": 0.2}}],
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    if mode != "full":
+        d["peft"] = {"mode": mode, "r": 4, "alpha": 8, "dropout": 0.0}
+    d.update(extra)
+    return recipe_from_dict(d), base
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "bloom"])
+def test_lora_trains_new_token_rows_and_freezes_base(tmp_path, arch):
+    recipe, base = tiny_recipe(tmp_path, arch, "lora")
+    res = train(recipe, max_steps=3, say=lambda _: None)
+    out = res.output_dir
+    assert math.isfinite(res.metrics["train_loss"])
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    run = json.loads((out / "oasst_run.json").read_text())
+    assert (
+        run["mode"] == "lora" and run["vocab_rows"] % 16 == 0 and run["vocab_rows"] >= run["base_vocab_rows"]
+    )
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    token_keys = [k for k in adapter if "trainable_tokens" in k]
+    assert token_keys, "the added-token rows must be saved with the adapter"
+    assert any("lora_A" in k for k in adapter)
+
+    # Reload base + adapter: the added rows changed, the frozen base weights did not.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(base)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    fresh.resize_token_embeddings(run["vocab_rows"], mean_resizing=False)
+    ids = run["trainable_token_ids"]
+    emb_before = fresh.get_input_embeddings().weight[ids].clone()
+    model = PeftModel.from_pretrained(fresh, out)
+    merged = model.merge_and_unload()
+    emb_after = merged.get_input_embeddings().weight[ids]
+    assert not torch.allclose(emb_before, emb_after), "added token rows were not trained"
+    # Frozen weights (a non-LoRA tensor, e.g. a layer norm) are untouched.
+    norms = [k for k in before if "norm" in k and k.endswith("weight")]
+    assert norms
+    for k in norms:
+        assert torch.equal(before[k], merged.state_dict()[k])
+
+
+def test_lora_run_layout_and_template(tmp_path):
+    recipe, _ = tiny_recipe(tmp_path, "gpt_neox", "lora")
+    out = train(recipe, max_steps=2, say=lambda _: None).output_dir
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|prompter|>hi<|endoftext|><|assistant|>"
+    gen = GenerationConfig.from_pretrained(out)
+    assert gen.eos_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
+    saved = load_recipe(out / "oasst_recipe.yaml")
+    assert saved.peft.r == 4 and saved.model_name == recipe.model_name
+    assert (out / "checkpoint-2").is_dir()
+    assert not list(out.glob(".final-*")), "temp dirs must not be left behind"
+
+
+def test_full_training_changes_all_weights(tmp_path):
+    recipe, base = tiny_recipe(tmp_path, "llama", "full")
+    res = train(recipe, max_steps=2, say=lambda _: None)
+    assert math.isfinite(res.metrics["train_loss"])
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(res.output_dir)
+    original = AutoModelForCausalLM.from_pretrained(base)
+    assert trained.get_input_embeddings().weight.shape[0] % 16 == 0
+    w0 = original.model.layers[0].mlp.down_proj.weight
+    w1 = trained.model.layers[0].mlp.down_proj.weight
+    assert not torch.allclose(w0, w1)
+
+
+def test_qlora_uses_4bit_linear_layers(tmp_path):
+    import bitsandbytes as bnb
+
+    from oasst_peft.model import load_model, load_tokenizer
+
+    recipe, _ = tiny_recipe(tmp_path, "llama", "qlora")
+    tok, fmt = load_tokenizer(recipe)
+    loaded = load_model(recipe, tok, fmt, say=lambda _: None)
+    four_bit = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit, "qlora must quantize the linear layers to 4-bit"
+    res = train(recipe, max_steps=2, say=lambda _: None)
+    assert math.isfinite(res.metrics["train_loss"])
+    run = json.loads((res.output_dir / "oasst_run.json").read_text())
+    assert run["bnb_4bit"]["quant_type"] == "nf4"
+
+
+def test_half_precision_on_cpu_is_downgraded_with_one_line(tmp_path):
+    recipe, _ = tiny_recipe(tmp_path, "gpt_neox", "lora", dtype="bf16")
+    lines: list[str] = []
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU downgrade")
+    train(recipe, dry_run=True, say=lines.append)
+    assert sum("training in fp32" in line for line in lines) == 1
+
+
+def test_existing_output_dir_is_refused(tmp_path):
+    recipe, _ = tiny_recipe(tmp_path, "gpt_neox", "lora")
+    out = Path(recipe.output_dir)
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(OasstError, match="already holds a run"):
+        train(recipe, max_steps=1, say=lambda _: None)
+
+
+def _stand_in(tmp_path: Path, model_name: str) -> Path:
+    """A tiny random model with the architecture of the shipped config for ``model_name``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from oasst_peft.plan import shipped_model_config
+
+    cfg_path = shipped_model_config(model_name)
+    assert cfg_path is not None, f"no shipped config for {model_name}"
+    cfg = AutoConfig.from_pretrained(Path(cfg_path).parent)
+    style = "bloom" if cfg.model_type == "bloom" else "neox"
+    tok = make_tokenizer(style)
+    small = dict(hidden_size=32, num_attention_heads=4, vocab_size=len(tok))
+    if cfg.model_type == "bloom":
+        small.update(n_layer=2, n_head=4)
+    else:
+        small.update(num_hidden_layers=2, intermediate_size=64)
+    for k, v in small.items():
+        setattr(cfg, k, v)
+    model = AutoModelForCausalLM.from_config(cfg)
+    out = tmp_path / "stand-in"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+SEED_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.stem != "demo-smollm2")
+
+
+@pytest.mark.parametrize("path", SEED_RECIPES, ids=lambda p: p.stem)
+def test_dry_run_on_a_stand_in_of_each_shipped_recipe(tmp_path, path):
+    seed = load_recipe(path)
+    stand_in = _stand_in(tmp_path, seed.model_name)
+    data = conversations_file(tmp_path / "convs.jsonl")
+    recipe = load_recipe(
+        path,
+        [
+            f"model_name={stand_in}",
+            f"datasets=[{{chat: {{data_files: '{data}', format: messages}}}}]",
+            f"cache_dir={tmp_path / 'cache'}",
+        ],
+    )
+    lines: list[str] = []
+    res = train(recipe, dry_run=True, say=lines.append)
+    assert res.dry_run and res.plan["mode"] == seed.mode
+    assert res.plan["datasets"], "\n".join(lines)
+    assert not Path(recipe.output_dir).exists(), "a dry run writes nothing"
+
+
+@pytest.mark.parametrize("path", SEED_RECIPES, ids=lambda p: p.stem)
+def test_dry_run_of_shipped_recipe_offline_prints_plan(path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lines: list[str] = []
+    res = train(load_recipe(path), dry_run=True, say=lines.append)
+    text = "\n".join(lines)
+    assert res.dry_run and load_recipe(path).model_name in text
+    assert "unavailable here" in text  # hub data and tokenizer cannot load offline; said, not crashed
