@@ -112,6 +112,7 @@ def merge(
     qlora_base: Annotated[
         str, typer.Option(help="dequantized-nf4 (what QLoRA training saw) | exact (the original weights)")
     ] = "dequantized-nf4",
+    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB or 500MB")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
     """Fold a LoRA/QLoRA adapter (or consolidate a ZeRO checkpoint) into a plain HF checkpoint.
@@ -127,10 +128,61 @@ def merge(
         dtype=dtype,
         qlora_base=qlora_base,
         verify=verify,
+        max_shard_size=max_shard_size,
         overwrite=overwrite,
         say=_say,
     )
     _say(f"merged model: {report.out}. Load it with AutoModelForCausalLM.from_pretrained('{report.out}')")
+
+
+@app.command("sample")
+def sample_cmd(
+    model: Annotated[
+        str, typer.Argument(help="a training run, a merged model dir, an adapter dir or a base")
+    ],
+    adapter: Annotated[
+        Path | None, typer.Option(help="LoRA adapter to apply on MODEL (when MODEL is a base)")
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="JSONL of {'messages': [...]} or plain text lines (default: widget prompts)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write the JSON sampling report here")] = None,
+    config: Annotated[
+        list[str] | None,
+        typer.Option("--config", help="greedy | typical | nucleus | beam; repeat for several"),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="reply length limit in tokens")] = 128,
+    seed: Annotated[int, typer.Option(help="seed for the sampling configs")] = 0,
+    batch_size: Annotated[int, typer.Option(help="prompts generated together (left padded)")] = 8,
+    dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: fp32 on CPU)")] = None,
+    chat_template: Annotated[
+        str | None, typer.Option(help="use this template instead of the one saved with the model")
+    ] = None,
+) -> None:
+    """Reply to prompts with the saved chat template; print a table and optionally write a JSON report.
+
+    Example: oasst-peft sample runs/demo-smollm2 --config greedy --config typical --out report.json
+    """
+    from oasst_peft.sample import format_report, load_prompts, sample, write_report
+
+    if out is not None and out.is_dir():
+        raise OasstError(f"--out: {out} is a folder; give a file name such as report.json")
+    report = sample(
+        model,
+        adapter=adapter,
+        prompts=load_prompts(prompts) if prompts else None,
+        configs=config or ["greedy"],
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        dtype=dtype,
+        chat_template=chat_template,
+        say=_say,
+    )
+    format_report(report)
+    if out is not None:
+        _say(f"report: {write_report(report, out)}")
 
 
 def _tokenized(r):

@@ -102,6 +102,9 @@ class Recipe(BaseModel):
     gradient_accumulation_steps: int = Field(32, description="micro-batches per optimizer step")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
     eval_steps: int = Field(200, description="evaluate every N steps (when a validation split exists)")
+    sample_on_eval: bool = Field(
+        False, description="at each eval, log greedy replies to the cards' widget prompts"
+    )
     save_steps: int = Field(1000, description="checkpoint every N steps")
     save_strategy: Literal["steps", "epoch", "no"] = Field("steps", description="when to checkpoint")
     save_total_limit: int | None = Field(4, description="keep at most N checkpoints")

@@ -328,6 +328,10 @@ def train(
         eval_dataset=tokenized.validation or None,
         processing_class=tokenizer,
     )
+    if recipe.sample_on_eval and has_eval and recipe.eval_steps > 0:
+        from oasst_peft.sample import SampleOnEvalCallback
+
+        trainer.add_callback(SampleOnEvalCallback(tokenizer, say=say))
     stopper = GracefulStop()
     trainer.add_callback(LatestPointer())
     trainer.add_callback(fingerprint.FingerprintCallback(run_fp.to_dict()))

@@ -336,3 +336,70 @@ def test_moved_base_model_is_one_line(lora_run, tmp_path):
 def test_report_to_a_missing_folder_is_one_line(tmp_path):
     with pytest.raises(OasstError, match="does not exist"):
         write_report({}, tmp_path / "no" / "r.json")
+
+
+# ---------------------------------------------------------------- command line and recipe key
+
+
+def test_cli_sample_prints_a_table_and_writes_the_report(lora_run, tmp_path, capsys):
+    from oasst_peft.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": p}) + "\n" for p in PROMPTS), encoding="utf-8")
+    out = tmp_path / "report.json"
+    with pytest.raises(SystemExit) as e:
+        main(
+            ["sample", str(lora_run), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "48"]
+        )
+    printed = capsys.readouterr().out
+    assert e.value.code == 0
+    assert EXPECTED[1] in printed and "report:" in printed
+    report = json.loads(out.read_text())
+    assert [r["reply"] for r in report["replies"]["greedy"]] == EXPECTED
+
+
+def test_cli_sample_bad_input_is_one_line_exit_1(lora_run, tmp_path, capsys):
+    from oasst_peft.cli import main
+
+    for args, needle in (
+        ([str(tmp_path / "nope")], "nope"),
+        ([str(lora_run), "--config", "wild"], "wild"),
+        ([str(lora_run), "--out", str(tmp_path)], "is a folder"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["sample", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+
+
+def test_sample_on_eval_recipe_key_logs_replies_during_training(tmp_path):
+    base = _tiny_base(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"messages": CONVERSATION}) + "\n" for _ in range(10)), encoding="utf-8"
+    )
+    lines: list[str] = []
+    recipe = recipe_from_dict(
+        {
+            "model_name": str(base),
+            "dtype": "fp32",
+            "max_length": 128,
+            "warmup_steps": 0,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "eval_steps": 2,
+            "save_strategy": "no",
+            "sample_on_eval": True,
+            "output_dir": str(tmp_path / "run"),
+            "log_dir": str(tmp_path / "tb"),
+            "datasets": [{"one": {"data_files": str(data), "format": "messages", "val_split": 0.2}}],
+            "cache_dir": str(tmp_path / "cache"),
+            "peft": {"mode": "lora", "r": 4, "alpha": 8},
+        }
+    )
+    train(recipe, max_steps=4, say=lines.append)
+    samples = [line for line in lines if line.startswith("sample @ step")]
+    # Three widget prompts at steps 2 and 4.
+    assert len(samples) == 6 and sum("step 4" in s for s in samples) == 3
+    assert WIDGET_PROMPTS[0] in samples[0]
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").rglob("*"))
