@@ -276,14 +276,31 @@ class LoadedModel:
     trainable_token_ids: list[int]
 
 
-def load_model(recipe: Recipe, tokenizer, fmt: ChatFormat, zero3: bool = False, say=print) -> LoadedModel:
+def weights_dtype(mode: str, dtype: str, deepspeed: bool) -> str:
+    """The dtype the weights are loaded in for training at compute ``dtype``.
+
+    Full training without DeepSpeed keeps fp32 master weights and runs fp16/bf16 under autocast, as the
+    HF Trainer expects (pure half-precision AdamW loses small updates, and fp16 weights cannot be
+    unscaled). DeepSpeed keeps its own fp32 master copy, and LoRA/QLoRA train only fp32 adapters.
+    """
+    return "fp32" if mode == "full" and not deepspeed else dtype
+
+
+def load_model(
+    recipe: Recipe, tokenizer, fmt: ChatFormat, zero3: bool = False, say=print, deepspeed: bool | None = None
+) -> LoadedModel:
     """Load the base, grow its vocab for the oasst tokens, and apply the recipe's mode."""
     dtype = effective_dtype(recipe, say=lambda _m: None)
     config = load_config(recipe)
     apply_residual_dropout(config, recipe.residual_dropout, say=say)
     attn = pick_attention(recipe, say=say)
     quant = quantization_config(recipe, dtype, zero3=zero3, say=say)
-    model, source = _load_base(recipe, dtype, attn, quant, config)
+    if deepspeed is None:
+        deepspeed = zero3 or bool(recipe.deepspeed_config)
+    load_dtype = weights_dtype(recipe.mode, dtype, deepspeed)
+    if load_dtype != dtype:
+        say(f"full training without DeepSpeed: fp32 master weights, {dtype} autocast")
+    model, source = _load_base(recipe, load_dtype, attn, quant, config)
     base_rows = model.get_input_embeddings().weight.shape[0]
     rows = resize_embeddings(model, tokenizer, recipe.pad_vocab_multiple)
     model.generation_config.eos_token_id = fmt.eot_id

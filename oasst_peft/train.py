@@ -315,7 +315,7 @@ def train(
     if resume:
         fingerprint.check_resume(resume, run_fp, force=force, say=say)
     set_seed(recipe.seed % (2**32))  # new embedding rows and LoRA init: identical on every rank and run
-    loaded = load_model(recipe, tokenizer, fmt, zero3=_is_zero3(ds_path), say=say)
+    loaded = load_model(recipe, tokenizer, fmt, zero3=_is_zero3(ds_path), say=say, deepspeed=bool(ds_path))
 
     has_eval = bool(tokenized.validation)
     args = sft_config(recipe, out, dtype, max_steps, has_eval, ds_path, **extra_args)

@@ -109,3 +109,28 @@ def test_half_precision_downgrade_on_cpu():
 
 def test_trust_remote_code_off_unless_set():
     assert recipe("x").trust_remote_code is False
+
+
+@pytest.mark.parametrize(
+    "mode,deepspeed,expected",
+    [
+        ("full", False, torch.float32),  # fp32 master weights, bf16 autocast
+        ("full", True, torch.bfloat16),  # DeepSpeed keeps its own fp32 copy
+        ("lora", False, torch.bfloat16),  # frozen base in the compute dtype
+    ],
+)
+def test_weights_dtype_for_half_precision_training(tmp_path, monkeypatch, mode, deepspeed, expected):
+    import oasst_peft.model as m
+
+    tok = make_tokenizer("neox")
+    make_model("gpt_neox", tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    monkeypatch.setattr(m, "effective_dtype", lambda *a, **k: "bf16")  # as on a GPU
+    extra = {} if mode == "full" else {"peft": {"mode": mode}}
+    r = recipe(str(tmp_path), dtype="bf16", **extra)
+    tok2, fmt = load_tokenizer(r)
+    lines = []
+    loaded = m.load_model(r, tok2, fmt, say=lines.append, deepspeed=deepspeed)
+    base = loaded.model.get_base_model() if mode == "lora" else loaded.model
+    assert base.get_input_embeddings().weight.dtype == expected
+    assert any("fp32 master weights" in line for line in lines) == (expected == torch.float32)
