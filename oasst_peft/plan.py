@@ -468,6 +468,11 @@ def memory_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
     half = setup.dtype != "fp32"
     trainable = trainable_params(shape, setup)
     full = setup.mode == "full"
+    # Full half-precision training without DeepSpeed keeps the weights themselves in fp32 (the master
+    # copy; model.weights_dtype) and autocast caches a half copy of every matmul weight for the forward.
+    amp_master = full and half and setup.zero_stage == 0
+    if amp_master:
+        wbytes = DTYPE_BYTES["fp32"]
     live = zero3_live_params(shape) if setup.zero_stage >= 3 else 0
     weights = weight_bytes(
         setup.mode,
@@ -480,16 +485,19 @@ def memory_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
         setup.double_quant,
         live,
     )
+    if amp_master:
+        weights += shape.quantizable_params * DTYPE_BYTES[setup.dtype]
     adapters = 0.0 if full else adapter_bytes(trainable)
     if not full and setup.zero_stage >= 3 and not setup.offload_params:
         adapters /= setup.gpus
     grad_b = wbytes if full else LORA_BYTES
+    mixed = full and half and not amp_master  # DeepSpeed's half weights + separate fp32 master copy
     bucket = setup.reduce_bucket if setup.reduce_bucket is not None else shape.hidden**2
     bucket *= 2 if setup.overlap_comm else 1
     grads = gradient_bytes(
-        trainable, grad_b, setup.zero_stage, setup.gpus, setup.offload_optimizer, full and half, bucket
+        trainable, grad_b, setup.zero_stage, setup.gpus, setup.offload_optimizer, mixed, bucket
     )
-    optim = optimizer_bytes(trainable, full and half, setup.zero_stage, setup.gpus, setup.offload_optimizer)
+    optim = optimizer_bytes(trainable, mixed, setup.zero_stage, setup.gpus, setup.offload_optimizer)
     acts, layer_transient = activation_bytes(shape, setup)
     together = 0.0
     if setup.grad_accum <= 1:

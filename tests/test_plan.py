@@ -254,10 +254,16 @@ def test_gradient_checkpointing_cuts_activations(pythia):
 def test_modes_order_weights_and_trainable(pythia):
     setup = plan.Setup(micro_batch=1, seq_len=1024, gradient_checkpointing=True, grad_accum=4)
     full, lo, q = (plan.memory_terms(pythia, replace(setup, mode=m)) for m in ("full", "lora", "qlora"))
-    assert q["weights"] < lo["weights"] == full["weights"] == pythia.params * 2
+    assert q["weights"] < lo["weights"] == pythia.params * 2
     assert full["trainable"] == 0 and lo["trainable"] == q["trainable"] > 0
-    # full mixed precision: 2 (grad) + 4 (fp32 grad) + 12 (AdamW + fp32 master) bytes per parameter
-    assert full["gradients"] == 6 * pythia.params and full["optimizer"] == 12 * pythia.params
+    # full bf16 without DeepSpeed: fp32 weights (the master copy) + autocast's bf16 copy of the matmul
+    # weights, fp32 gradients, AdamW's two fp32 moments
+    assert full["weights"] == pythia.params * 4 + pythia.quantizable_params * 2
+    assert full["gradients"] == 4 * pythia.params and full["optimizer"] == 8 * pythia.params
+    # under ZeRO (one GPU): bf16 weights, 2 (grad) + 4 (fp32 grad) + 12 (AdamW + fp32 master) bytes
+    z = plan.memory_terms(pythia, replace(setup, mode="full", zero_stage=2, reduce_bucket=0))
+    assert z["weights"] == pythia.params * 2
+    assert z["gradients"] == 6 * pythia.params and z["optimizer"] == 12 * pythia.params
     # LoRA: fp32 adapters, fp32 gradients, AdamW states, no master copy
     assert lo["gradients"] == lo["trainable"] and lo["optimizer"] == 2 * lo["trainable"]
     fp32 = plan.memory_terms(pythia, replace(setup, mode="full", dtype="fp32"))
@@ -269,10 +275,13 @@ def test_modes_order_weights_and_trainable(pythia):
 def test_zero_stages_partition_and_offload(pythia):
     setup = plan.Setup(mode="full", gpus=8, grad_accum=4, gradient_checkpointing=True)
     z0, z2, z3 = (plan.memory_terms(pythia, replace(setup, zero_stage=s)) for s in (0, 2, 3))
-    assert z2["optimizer"] == pytest.approx(z0["optimizer"] / 8)
+    # ZeRO-0 (plain DDP) keeps fp32 weights and 8 bytes of AdamW per parameter on every GPU; ZeRO
+    # keeps bf16 weights and partitions AdamW + the fp32 master copy (12 bytes) over the GPUs.
+    assert z0["optimizer"] == 8 * pythia.params
+    assert z2["optimizer"] == pytest.approx(12 * pythia.params / 8)
     assert z2["gradients"] < z0["gradients"] / 4
-    assert z2["weights"] == z0["weights"]
-    assert z3["weights"] < z0["weights"] / 4
+    assert z2["weights"] == pythia.params * 2 < z0["weights"]
+    assert z3["weights"] < z2["weights"] / 4
     off = plan.memory_terms(pythia, replace(setup, zero_stage=3, offload_optimizer=True, offload_params=True))
     assert off["optimizer"] == 0 and off["weights"] < z3["weights"]
     more = plan.memory_terms(pythia, replace(setup, zero_stage=3, gpus=16))
