@@ -100,7 +100,10 @@ class Recipe(BaseModel):
     per_device_train_batch_size: int = Field(2, description="micro-batch per device")
     per_device_eval_batch_size: int = Field(2, description="eval micro-batch per device")
     gradient_accumulation_steps: int = Field(32, description="micro-batches per optimizer step")
-    gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="recompute activations to save memory (unset: on for 7B-class models and larger, off below)",
+    )
     eval_steps: int = Field(200, description="evaluate every N steps (when a validation split exists)")
     sample_on_eval: bool = Field(
         False, description="at each eval, log greedy replies to the cards' widget prompts"
@@ -119,7 +122,24 @@ class Recipe(BaseModel):
         None, description="zero2 | zero3 | zero2-offload | zero3-offload | JSON path"
     )
     datasets: list[Any] = Field(description="the data mix: names or {name: {options}}")
-    sort_by_length: bool = Field(False, description="group batches by length (less padding)")
+    sort_by_length: bool | None = Field(
+        None, description="batch conversations of similar length together (unset: on unless packing)"
+    )
+    packing: Literal["auto"] | bool = Field(
+        "auto",
+        description="pack conversations into max_length rows without padding: auto = with flash attention "
+        "(length grouping otherwise), true = always (one-line error if the attention cannot keep them apart), "
+        "false = never",
+    )
+    fused_loss: bool = Field(
+        True, description="TRL's chunked LM-head loss (never builds the full logits); false = plain HF loss"
+    )
+    use_liger_kernel: bool = Field(
+        False, description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU); needs liger-kernel and a CUDA GPU"
+    )
+    use_kernels: bool = Field(
+        False, description="Hugging Face Hub kernels for the model's layers; needs the kernels package"
+    )
     use_custom_sampler: bool = Field(
         False, description="accepted for OA recipes; fraction/max_train_set apply without it here"
     )

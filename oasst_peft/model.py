@@ -208,6 +208,8 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config):
     )
     if attn:
         kwargs["attn_implementation"] = attn
+    if recipe.use_kernels:
+        kwargs["use_kernels"] = True  # Hugging Face Hub kernels for the layers that have them
     if quant is not None:
         kwargs["quantization_config"] = quant
         if source.kind == "gguf":

@@ -684,6 +684,10 @@ def plan_recipe(recipe, gpus: int = 1, gpu_mem_gib: float = 24.0) -> dict:
     remote = bool(getattr(recipe, "trust_remote_code", False))
     config = load_model_config(recipe.model_name, getattr(recipe, "recipe_dir", None), remote)
     shape = model_shape(config, name=recipe.model_name, trust_remote_code=remote)
+    if hasattr(recipe, "gradient_checkpointing") and recipe.gradient_checkpointing is None:
+        from oasst_peft.speed import CHECKPOINTING_MIN_PARAMS  # unset: on for 7B-class models, as train does
+
+        setup = replace(setup, gradient_checkpointing=shape.params >= CHECKPOINTING_MIN_PARAMS)
     return {
         "model": {"name": recipe.model_name, "params": shape.params},
         "gpus": gpus,

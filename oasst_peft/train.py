@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oasst_peft import distributed, fingerprint
+from oasst_peft import distributed, fingerprint, speed
 from oasst_peft.checkpoints import GracefulStop, LatestPointer, latest_checkpoint, resolve_resume
 from oasst_peft.config import Recipe
 from oasst_peft.errors import OasstError
@@ -96,9 +96,20 @@ def prepare_data(recipe: Recipe, tokenizer, say=print, tolerate_unavailable: boo
 
 
 def sft_config(
-    recipe: Recipe, out: Path, dtype: str, max_steps: int | None, has_eval: bool, ds_path: str | None, **extra
+    recipe: Recipe,
+    out: Path,
+    dtype: str,
+    max_steps: int | None,
+    has_eval: bool,
+    ds_path: str | None,
+    batching: speed.Batching | None = None,
+    **extra,
 ):
-    """TRL SFTConfig from the recipe; ``extra`` adds TrainingArguments (see ``distributed.setup``)."""
+    """TRL SFTConfig from the recipe; ``extra`` adds TrainingArguments (see ``distributed.setup``).
+
+    ``batching`` is the run's packing / length-grouping decision (``speed.choose_batching``); without it,
+    nothing is packed and batches are length-grouped unless ``sort_by_length: false``.
+    """
     import importlib.util
 
     from trl import SFTConfig
@@ -106,6 +117,8 @@ def sft_config(
     fp16 = dtype == "fp16"
     bf16 = dtype == "bf16"
     report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
+    batching = batching or speed.Batching(False, recipe.sort_by_length is not False, "no model to pack for")
+    checkpointing = bool(recipe.gradient_checkpointing)
     return SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=recipe.per_device_train_batch_size,
@@ -129,9 +142,10 @@ def sft_config(
         eval_steps=recipe.eval_steps or None,
         fp16=fp16,
         bf16=bf16,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
-        train_sampling_strategy="group_by_length" if recipe.sort_by_length else "random",
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        use_liger_kernel=recipe.use_liger_kernel,
+        **batching.sft_kwargs(),
         seed=recipe.seed % (2**32),
         data_seed=recipe.seed % (2**32),
         report_to=report_to,
@@ -207,18 +221,27 @@ def save_run(trainer, loaded, tokenizer, fmt, recipe: Recipe, out: Path, command
         trainer.save_model(str(out))  # ZeRO-3 gathers weights collectively: other ranks join, write nothing
 
 
-def make_trainer(**kwargs):
-    """TRL's SFTTrainer; with a peft wrapper on an untied lm_head, the loss comes from the model's own logits.
+def make_trainer(fused_loss: bool = True, **kwargs):
+    """TRL's SFTTrainer; the loss comes from the model's own logits when ``fused_loss`` is off or must be.
 
-    TRL computes the loss from ``lm_head.weight`` directly (a fused head), which would skip the trained
-    rows of the added tokens that peft keeps beside an untied lm_head. Then the plain HF loss is used.
+    TRL computes the loss from ``lm_head.weight`` directly (a fused, chunked head), which would skip the
+    trained rows of the added tokens that peft keeps beside an untied lm_head. Then the plain HF loss is used.
+    No KV cache in training: with one, sdpa/eager would not mask packed conversations apart. Length-grouped
+    batches come from ``speed.LengthGroupedSampler``.
     """
     from transformers import Trainer
     from trl import SFTTrainer
 
     class OasstSFTTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "with_format"):
+                return super()._get_train_sampler(train_dataset)
+            return speed.LengthGroupedSampler(speed.example_lengths(dataset), self.args.train_batch_size)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if _head_is_wrapped(self.model):
+            inputs["use_cache"] = False
+            if not fused_loss or _head_is_wrapped(self.model):
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
@@ -293,6 +316,7 @@ def train(
     if not dry_run:
         check_output_dir(out, resume, overwrite)
     dtype = effective_dtype(recipe, say=say)
+    recipe = speed.settle(recipe, say=say, dry_run=dry_run)  # gradient checkpointing by model size; kernels
     if dry_run:
         try:
             tokenizer, fmt = load_tokenizer(recipe)
@@ -303,6 +327,9 @@ def train(
         if tokenizer is not None:
             tokenized, unavailable = prepare_data(recipe, tokenizer, say=say, tolerate_unavailable=True)
         plan = _print_plan(recipe, out, dtype, tokenized, unavailable, say)
+        batching = speed.planned_batching(recipe)
+        plan["batching"] = batching.name
+        say(batching.line())
         say("dry run: nothing was trained or written")
         return TrainResult(out, recipe.mode, dry_run=True, plan=plan)
 
@@ -317,11 +344,16 @@ def train(
     set_seed(recipe.seed % (2**32))  # new embedding rows and LoRA init: identical on every rank and run
     loaded = load_model(recipe, tokenizer, fmt, zero3=_is_zero3(ds_path), say=say, deepspeed=bool(ds_path))
 
+    model_config = loaded.model.config
+    batching = speed.choose_batching(recipe, model_config._attn_implementation, model_config)
+    say(batching.line())
+
     has_eval = bool(tokenized.validation)
-    args = sft_config(recipe, out, dtype, max_steps, has_eval, ds_path, **extra_args)
+    args = sft_config(recipe, out, dtype, max_steps, has_eval, ds_path, batching=batching, **extra_args)
     if recipe.log_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(recipe.log_dir))
     trainer = make_trainer(
+        fused_loss=recipe.fused_loss,
         model=loaded.model,
         args=args,
         train_dataset=tokenized.train,

@@ -1,0 +1,274 @@
+"""Run fast: packing or length-grouped batches, kernels and gradient checkpointing, resolved per run.
+
+Chat data wastes compute on padding when a short conversation is batched with a long one. Two cures:
+
+- **packing** (TRL's best-fit-decreasing ``packing_strategy="bfd"``, padding-free): conversations are laid
+  end to end into rows of ``max_length`` tokens, each restarting its ``position_ids`` at 0. That is only
+  correct when the attention keeps every conversation to itself: flash attention's varlen kernels do (they
+  read the boundaries from ``position_ids``), and so do sdpa/eager on the architectures whose mask builder
+  turns restarting ``position_ids`` into a block-diagonal mask (transformers' ``create_causal_mask``, with
+  no KV cache). ``keeps_packed_apart`` proves the latter on a tiny random copy of the model's architecture
+  instead of assuming it. sdpa/eager still compute the whole packed row's attention, masked, so packing
+  pays off automatically only with flash attention;
+- **length grouping** (``train_sampling_strategy="group_by_length"``): batches of conversations of similar
+  length, so each is padded to a near neighbour instead of to the longest of a random batch. Every
+  conversation is still seen exactly once per epoch; only the order changes.
+
+``packing: auto`` packs with flash attention and groups by length otherwise; ``packing: true`` packs or
+stops with one line when the attention would let packed conversations see each other.
+
+Kernels: TRL's fused (chunked) LM-head loss is on by default (``fused_loss``); ``use_liger_kernel`` and
+``use_kernels`` (Hugging Face Hub kernels) are opt-in and checked here. Gradient checkpointing left unset
+(``gradient_checkpointing:`` absent) is on for 7B-class models and larger.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from oasst_peft.errors import OasstError
+
+# "7B-class and larger": Llama-2-7B has 6.7B parameters, Pythia-6.9B 6.9B.
+CHECKPOINTING_MIN_PARAMS = 6.5e9
+# Attention implementations whose kernels take the packed sequences' boundaries from position_ids.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+PROBE_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How conversations become batches in this run."""
+
+    packing: bool
+    group_by_length: bool
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "packing" if self.packing else "length-grouped" if self.group_by_length else "random"
+
+    def line(self) -> str:
+        """The one line ``train`` prints."""
+        return f"batching: {self.name} ({self.reason})"
+
+    def sft_kwargs(self) -> dict:
+        """TRL ``SFTConfig`` arguments for this batching."""
+        if self.packing:
+            # bfd implies padding-free: the batch is one row; position_ids restart at every conversation.
+            return {
+                "packing": True,
+                "packing_strategy": "bfd",
+                "padding_free": True,
+                "train_sampling_strategy": "random",
+            }
+        return {
+            "packing": False,
+            "padding_free": False,
+            "train_sampling_strategy": "group_by_length" if self.group_by_length else "random",
+        }
+
+
+def _probe_config(config):
+    """A one-layer, narrow copy of ``config``: same architecture and attention code, tiny sizes."""
+    small = copy.deepcopy(config)
+    heads = 4
+    sizes = {
+        "hidden_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": heads,
+        "intermediate_size": 128,
+        "vocab_size": 128,
+    }
+    for key, value in sizes.items():
+        setattr(small, key, value)
+    if getattr(small, "num_key_value_heads", None):
+        small.num_key_value_heads = 2
+    if getattr(small, "head_dim", None):
+        small.head_dim = 64 // heads
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if getattr(small, key, None) is not None:
+            setattr(small, key, 0)
+    return small
+
+
+def keeps_packed_apart(config, attn_implementation: str) -> bool:
+    """True when ``attn_implementation`` on ``config``'s architecture keeps packed sequences from seeing each other.
+
+    Flash attention's varlen kernels do by construction. For sdpa/eager this runs a random one-layer copy of
+    the architecture on two sequences packed in one row (``position_ids`` restarting at 0, no attention mask,
+    no cache, as the padding-free collator feeds it) and on each alone: the outputs must agree.
+    """
+    if attn_implementation in VARLEN_ATTENTION:
+        return True
+    from transformers import AutoModelForCausalLM
+
+    try:
+        small = _probe_config(config)
+        small._attn_implementation = attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(
+                small, dtype=torch.float32, attn_implementation=attn_implementation
+            ).eval()
+            a = torch.randint(1, 128, (1, 9))
+            b = torch.randint(1, 128, (1, 6))
+        with torch.no_grad():
+            alone = torch.cat([model(a, use_cache=False).logits, model(b, use_cache=False).logits], dim=1)
+            position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None]
+            packed = model(torch.cat([a, b], dim=1), position_ids=position_ids, use_cache=False).logits
+    except Exception:  # an architecture the probe cannot build or run: not proven, so not packed
+        return False
+    return bool((packed - alone).abs().max() < PROBE_TOLERANCE)
+
+
+def choose_batching(recipe, attn_implementation: str | None, config=None) -> Batching:
+    """Packing, length grouping or random batches, from the recipe's ``packing``/``sort_by_length`` and the attention.
+
+    ``attn_implementation`` is the loaded model's (``model.config._attn_implementation``); ``config`` its config,
+    used to probe sdpa/eager when the recipe asks for ``packing: true``. Without them nothing is packed.
+    """
+    packing = recipe.packing
+    group = recipe.sort_by_length is not False
+    attn = attn_implementation or "unknown"
+    if packing is False:
+        return Batching(False, group, "packing: false" + ("" if group else "; sort_by_length: false"))
+    if attn in VARLEN_ATTENTION:
+        return Batching(
+            True, False, f"packing: {str(packing).lower()}; {attn} keeps packed conversations apart"
+        )
+    if packing == "auto":
+        why = f"packing: auto packs with flash attention only, attention here is {attn}"
+        return Batching(False, group, why + ("" if group else "; sort_by_length: false"))
+    if config is not None and attn_implementation and keeps_packed_apart(config, attn_implementation):
+        return Batching(
+            True, False, f"packing: true; {attn} masks each packed conversation on this architecture"
+        )
+    raise OasstError(
+        f"packing: true, but {attn} attention on this model would let packed conversations attend to each other; "
+        "use flash attention (use_flash_attention: true, flash-attn on a CUDA GPU) or set packing: auto"
+    )
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Every example once per epoch, in batches of similar length, in random order.
+
+    Like transformers' ``LengthGroupedSampler``: a random permutation is cut into mega-batches, each sorted by
+    length and cut into batches; here the batches of a mega-batch are then shuffled (no long-to-short ramp)
+    and a mega-batch holds up to ``MEGABATCH`` batches whatever the dataset size (transformers shrinks it to
+    a quarter of a small dataset, which leaves much of the padding in). The batch with the longest example
+    comes first, so an out-of-memory shows at once. A short last batch stays last, keeping batches aligned.
+    """
+
+    MEGABATCH = 64
+
+    def __init__(self, lengths, batch_size: int, generator=None):
+        self.lengths = [int(n) for n in lengths]
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches (draws from the generator, or torch's global RNG as transformers' sampler does)."""
+        n, size = len(self.lengths), self.batch_size
+        perm = torch.randperm(n, generator=self.generator).tolist()
+        step = size * self.MEGABATCH
+        batches: list[list[int]] = []
+        for start in range(0, n, step):
+            mega = sorted(perm[start : start + step], key=self.lengths.__getitem__, reverse=True)
+            cut = [mega[i : i + size] for i in range(0, len(mega), size)]
+            short = cut.pop() if len(cut[-1]) < size else None
+            order = torch.randperm(len(cut), generator=self.generator).tolist()
+            batches += [cut[i] for i in order] + ([short] if short else [])
+        longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
+        if len(batches[longest]) == size:  # a short batch must stay last
+            batches[0], batches[longest] = batches[longest], batches[0]
+        return batches
+
+    def __iter__(self):
+        return iter([i for batch in self.batches() for i in batch])
+
+
+def example_lengths(dataset, column: str = "input_ids") -> list[int]:
+    """Token counts of a ``datasets.Dataset`` column, read from Arrow without decoding the rows."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")[column]).to_pylist()
+
+
+def resolve_gradient_checkpointing(value: bool | None, params: int | None) -> tuple[bool, str | None]:
+    """(on/off, the line to print when it was decided here): unset means on for 7B-class models and larger."""
+    if value is not None:
+        return value, None
+    if params is None:
+        return False, "gradient_checkpointing: off (unset, and the model size is unknown here)"
+    on = params >= CHECKPOINTING_MIN_PARAMS
+    size = f"{params / 1e9:.1f}B parameters" if params >= 1e9 else f"{params / 1e6:.1f}M parameters"
+    if on:
+        return True, f"gradient_checkpointing: on (unset; {size}, 7B-class or larger)"
+    return False, f"gradient_checkpointing: off (unset; {size}, below 7B-class)"
+
+
+def kernel_problems(recipe) -> list[str]:
+    """One line per kernel option the recipe asks for that cannot run here."""
+    problems = []
+    if recipe.use_liger_kernel:
+        if importlib.util.find_spec("liger_kernel") is None:
+            problems.append(
+                "use_liger_kernel: liger-kernel is not installed (pip install liger-kernel); "
+                "or set use_liger_kernel: false"
+            )
+        elif not torch.cuda.is_available():
+            problems.append(
+                "use_liger_kernel: Liger's Triton kernels need a CUDA GPU; set use_liger_kernel: false"
+            )
+    if recipe.use_kernels and importlib.util.find_spec("kernels") is None:
+        problems.append(
+            "use_kernels: the kernels package is not installed (pip install kernels); or set use_kernels: false"
+        )
+    return problems
+
+
+def model_params(recipe) -> int | None:
+    """The base model's parameter count from its config alone (shipped seed configs work offline), or None."""
+    from oasst_peft.plan import load_model_config, params_from_config
+
+    try:
+        config = load_model_config(recipe.model_name, recipe.recipe_dir, recipe.trust_remote_code)
+        return params_from_config(config)
+    except OasstError:
+        return None
+
+
+def settle(recipe, say=print, dry_run: bool = False):
+    """The recipe with ``gradient_checkpointing`` decided (unset: by model size, said in one line), kernels checked.
+
+    A kernel option that cannot run here is an ``OasstError``; in a dry run it is said instead.
+    """
+    for problem in kernel_problems(recipe):
+        if not dry_run:
+            raise OasstError(problem)
+        say(f"kernels: unavailable here: {problem}")
+    if recipe.gradient_checkpointing is not None:
+        return recipe
+    on, line = resolve_gradient_checkpointing(None, model_params(recipe))
+    say(line)
+    return recipe.model_copy(update={"gradient_checkpointing": on})
+
+
+def planned_batching(recipe) -> Batching:
+    """The batching a run of ``recipe`` would use here, without loading weights (for dry runs)."""
+    from oasst_peft.model import pick_attention
+    from oasst_peft.plan import load_model_config
+
+    try:
+        config = load_model_config(recipe.model_name, recipe.recipe_dir, recipe.trust_remote_code)
+    except OasstError:
+        config = None
+    attn = pick_attention(recipe, say=lambda _line: None) or "sdpa"
+    return choose_batching(recipe, attn, config)
