@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from oasst_peft.errors import OasstError, did_you_mean
+from oasst_peft.errors import OasstError, did_you_mean, shown
 
 DTYPES = ("fp16", "bf16", "fp32")
 SHIPPED_DEEPSPEED = ("zero2", "zero3", "zero2-offload", "zero3-offload")
@@ -294,7 +294,7 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    if not isinstance(parent, str):
+    if not isinstance(parent, str) or "\x00" in parent:
         raise OasstError(f"{path}: 'extends' must be a path to another recipe file")
     parent_path = Path(parent)
     if not parent_path.is_absolute():
@@ -306,11 +306,11 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 def apply_override(data: dict, assignment: str) -> None:
     """Apply one ``a.b=c`` override in place; the value is parsed as YAML (numbers, bools, lists)."""
     if "=" not in assignment:
-        raise OasstError(f"--set {assignment}: expected key=value, e.g. --set peft.r=32")
+        raise OasstError(f"--set {shown(assignment)}: expected key=value, e.g. --set peft.r=32")
     key, _, raw = assignment.partition("=")
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise OasstError(f"--set {assignment}: empty key")
+        raise OasstError(f"--set {shown(assignment)}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -321,7 +321,10 @@ def apply_override(data: dict, assignment: str) -> None:
         last = i == len(parts) - 1
         if valid is not None and part not in valid:
             where = ".".join(parts[:i]) or "recipe"
-            raise OasstError(f"--set {key}: unknown key '{part}' in {where}" + did_you_mean(part, valid))
+            raise OasstError(
+                f"--set {shown(key)}: unknown key '{shown(part)}' in {shown(where)}"
+                + did_you_mean(part, valid)
+            )
         if last:
             node[part] = value
         else:
@@ -336,12 +339,14 @@ def apply_override(data: dict, assignment: str) -> None:
 def _check_unknown_keys(data: dict, source: str) -> None:
     for key in data:
         if key not in RECIPE_KEYS:
-            raise OasstError(f"{source}: unknown key '{key}'" + did_you_mean(str(key), RECIPE_KEYS))
+            raise OasstError(f"{source}: unknown key '{shown(key)}'" + did_you_mean(str(key), RECIPE_KEYS))
     peft = data.get("peft")
     if isinstance(peft, dict):
         for key in peft:
             if key not in PEFT_KEYS:
-                raise OasstError(f"{source}: unknown key 'peft.{key}'" + did_you_mean(str(key), PEFT_KEYS))
+                raise OasstError(
+                    f"{source}: unknown key 'peft.{shown(key)}'" + did_you_mean(str(key), PEFT_KEYS)
+                )
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

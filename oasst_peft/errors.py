@@ -15,6 +15,12 @@ class OasstError(Exception):
     """A user-fixable error: its message is one line naming the file, key or line and the fix."""
 
 
+def shown(value: object) -> str:
+    """``value`` as text for a one-line message: control characters (a newline in a key) escaped."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def closest(word: str, choices: Iterable[str]) -> str | None:
     """Return the valid choice nearest to ``word`` (for 'did you mean ...?'), or None."""
     matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

@@ -65,6 +65,15 @@ def _gzip_error(path: Path, e: Exception) -> OasstError:
     return OasstError(f"{path}: corrupt or truncated gzip file ({e}); download it again or give the .jsonl")
 
 
+def _read_error(path: Path, e: Exception) -> OasstError:
+    """A corrupt gzip stream (gzip's own errors carry no errno), or a file that cannot be read."""
+    is_gz = _suffixes(path)[-1:] == [".gz"]
+    if isinstance(e, EOFError | zlib.error) or (is_gz and isinstance(e, OSError) and e.errno is None):
+        return _gzip_error(path, e)
+    why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return OasstError(f"{path}: cannot read ({why}); check that it is a readable file")
+
+
 def open_binary(path: Path):
     """The file's bytes, transparently decompressed when its name ends in .gz."""
     if _suffixes(path)[-1:] == [".gz"]:
@@ -77,7 +86,7 @@ def _first_char(path: Path) -> bytes:
         with open_binary(path) as f:
             head = f.read(4096)
     except (OSError, EOFError, zlib.error) as e:
-        raise _gzip_error(path, e) from None
+        raise _read_error(path, e) from None
     stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     return stripped[:1]
 
@@ -90,22 +99,22 @@ def _json_lines(path: Path, problems: Problems) -> Iterator[tuple[str, object]]:
                     continue
                 try:
                     yield f"{path}:{lineno}", json.loads(line)
-                except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                except UnicodeDecodeError as e:
+                    problems.bad(
+                        f"{path}:{lineno}", f"not UTF-8 text (byte {e.start}); save the file as UTF-8"
+                    )
+                except ValueError as e:  # JSONDecodeError
                     problems.bad(f"{path}:{lineno}", f"not valid JSON ({_short(e)})")
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise _gzip_error(path, e) from None
-    except OSError as e:
-        if _suffixes(path)[-1:] == [".gz"]:
-            raise _gzip_error(path, e) from None
-        raise OasstError(f"{path}: cannot read ({e})") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise _read_error(path, e) from None
 
 
 def _json_array(path: Path) -> Iterator[tuple[str, object]]:
     try:
         with open_binary(path) as f:
             data = json.loads(f.read())
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise _gzip_error(path, e) from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise _read_error(path, e) from None
     except ValueError as e:
         raise OasstError(f"{path}: not a valid JSON file ({_short(e)})") from None
     if not isinstance(data, list):
@@ -136,8 +145,8 @@ def _csv(path: Path, problems: Problems) -> Iterator[tuple[str, object]]:
             reader = csv.DictReader(text)
             for row in reader:
                 yield f"{path}:{reader.line_num}", dict(row)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise _gzip_error(path, e) from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise _read_error(path, e) from None
     except (UnicodeDecodeError, csv.Error) as e:
         raise OasstError(f"{path}: not a readable CSV file ({_short(e)})") from None
 

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from oasst_peft.data.registry import dataset_names, get_dataset_info
-from oasst_peft.errors import OasstError, did_you_mean
+from oasst_peft.errors import OasstError, did_you_mean, shown
 
 FORMATS = ("messages", "sharegpt", "alpaca")
 
@@ -112,7 +112,7 @@ def _entry(item, index: int) -> tuple[str, dict]:
             opts = {}
         if not isinstance(opts, dict):
             raise OasstError(
-                f"datasets[{index}]: options of '{name}' must be a mapping like {{val_split: 0.05}}, "
+                f"datasets[{index}]: options of '{shown(name)}' must be a mapping like {{val_split: 0.05}}, "
                 f"got {type(opts).__name__}"
             )
         return str(name).strip(), dict(opts)
@@ -133,7 +133,7 @@ def parse_spec(name: str, opts: dict, key: str, base_dir: Path) -> DatasetSpec:
     if info is None and "format" not in opts:
         known = dataset_names()
         raise OasstError(
-            f"datasets: unknown dataset '{name}'{did_you_mean(name, known)}; known: {', '.join(known)}; "
+            f"datasets: unknown dataset '{shown(name)}'{did_you_mean(name, known)}; known: {', '.join(known)}; "
             f"or read your own files with {{data_files: PATH, format: {'|'.join(FORMATS)}}}"
         )
     allowed = allowed_options(name)
@@ -143,9 +143,11 @@ def parse_spec(name: str, opts: dict, key: str, base_dir: Path) -> DatasetSpec:
         if opt in ALL_OPTIONS:
             users = [n for n in dataset_names() if opt in allowed_options(n)]
             where = f" (it applies to: {', '.join(users)})" if users else ""
-            raise OasstError(f"datasets: {key}: option '{opt}' does not apply to {name}{where}")
+            raise OasstError(f"datasets: {shown(key)}: option '{opt}' does not apply to {shown(name)}{where}")
         hint = f" ({_HINTS[opt]})" if opt in _HINTS else did_you_mean(str(opt), allowed)
-        raise OasstError(f"datasets: {key}: unknown option '{opt}'{hint}; options: {', '.join(allowed)}")
+        raise OasstError(
+            f"datasets: {shown(key)}: unknown option '{shown(opt)}'{hint}; options: {', '.join(allowed)}"
+        )
     data = dict(opts)
     for k in ("input_file_path", "data_files"):
         if isinstance(data.get(k), str):
@@ -157,7 +159,9 @@ def parse_spec(name: str, opts: dict, key: str, base_dir: Path) -> DatasetSpec:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
-        raise OasstError(f"datasets: {key}: {loc}: {err['msg']} (got {err.get('input')!r:.60})") from None
+        raise OasstError(
+            f"datasets: {shown(key)}: {loc}: {err['msg']} (got {err.get('input')!r:.60})"
+        ) from None
 
 
 def parse_datasets(raw: list, base_dir: Path | str) -> list[DatasetSpec]:

@@ -270,9 +270,10 @@ def _check_not_emptied(parts: dict, drops: dict, mix: Mix, max_length: int, poli
     for key, by_split in parts.items():
         if len(by_split["train"]) == 0 and mix.parts[key].train:
             why = ", ".join(f"{r}: {n}" for r, n in drops[key]["train"].most_common())
+            fix = "use excess_length: truncate" if policy != "truncate" else "shorten the first exchanges"
             raise OasstError(
                 f"datasets: {key}: tokenizing left no training conversation ({why}; max_length {max_length}, "
-                f"excess_length: {policy}); raise max_length or use excess_length: truncate"
+                f"excess_length: {policy}); raise max_length or {fix}"
             )
 
 
