@@ -74,16 +74,21 @@ def train(
     Example: oasst-peft train recipes/demo-smollm2.yaml --set max_steps=20
     """
     r = _recipe(recipe, set_)
+    resume_arg: bool | str | None = True if resume == "latest" else resume
     if nproc is not None or hostfile or nnodes > 1:
-        from oasst_peft.launch import LaunchOptions, relaunch
+        from oasst_peft.launch import LaunchOptions, check_options, relaunch
 
         opts = LaunchOptions(nproc, nnodes, node_rank, master_addr, master_port, hostfile)
+        if not dry_run:  # every check that needs no weights, before a worker starts
+            from oasst_peft.train import preflight
+
+            check_options(opts)
+            preflight(r, output_dir=output_dir, resume=resume_arg, overwrite=overwrite, force=force, say=_say)
         code = relaunch(opts, sys.argv[1:], dry_run=dry_run, say=_say)
         if not dry_run or code:
             raise typer.Exit(code)  # a dry run goes on to print the plan below
     from oasst_peft.train import train as run_train
 
-    resume_arg: bool | str | None = True if resume == "latest" else resume
     result = run_train(
         r,
         output_dir=output_dir,

