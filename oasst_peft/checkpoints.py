@@ -8,8 +8,11 @@ stops; a second one exits at once.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -75,6 +78,63 @@ def resolve_resume(out: Path, resume: bool | str) -> str:
             f"--resume: {path} is incomplete (no readable {STATE_FILE}); pick an earlier checkpoint"
         )
     return str(path)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+# torch.save reports a short write as a bare RuntimeError from its zip writer, without an errno.
+TORCH_WRITER_WORDS = ("inline_container", "PytorchStreamWriter", "file write failed")
+LOW_FREE_BYTES = 64 * 2**20
+
+
+def _free_bytes(folder: Path) -> int | None:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def disk_full_error(err: BaseException, out: Path) -> OasstError | None:
+    """One line for a write that failed because the disk of ``out`` is full (else None).
+
+    It names the newest complete checkpoint, which the failed write left as it was, and what to do.
+    """
+    text = str(err)
+    full = getattr(err, "errno", None) in DISK_FULL_ERRNOS or any(w in text for w in DISK_FULL_WORDS)
+    if not full and isinstance(err, RuntimeError) and any(w in text for w in TORCH_WRITER_WORDS):
+        free = _free_bytes(out)
+        full = free is not None and free < LOW_FREE_BYTES
+    if not full:
+        return None
+    ckpt = latest_checkpoint(out) if out.is_dir() else None
+    keep = (
+        f"{ckpt.name} is the latest complete checkpoint: free some space, then continue with --resume"
+        if ckpt
+        else "no checkpoint was completed: free some space and start again"
+    )
+    if isinstance(err, OSError) and err.strerror:
+        what = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    else:
+        what = text.splitlines()[0][:160] if text.strip() else type(err).__name__
+    return OasstError(f"output_dir: the disk of {out} is full ({what}); {keep}")
+
+
+def refused_checkpoint_error(err: BaseException, checkpoint: str | Path | None) -> OasstError | None:
+    """One line when resuming met a pickle that is more than tensors (``torch.load(weights_only=True)`` refused it)."""
+    if checkpoint is None or not isinstance(err, pickle.UnpicklingError):
+        return None
+    return OasstError(
+        f"--resume: {Path(checkpoint).name} holds pickled objects other than plain tensors, which are refused "
+        "so that no code in them runs; resume only from checkpoints you trust (or an earlier one)"
+    )
+
+
+def run_error(err: BaseException, out: Path, checkpoint: str | Path | None = None) -> OasstError | None:
+    """The one-line error for a run that failed on a full disk or an unsafe checkpoint, else None (a bug)."""
+    return disk_full_error(err, out) or refused_checkpoint_error(err, checkpoint)
 
 
 class LatestPointer(TrainerCallback):

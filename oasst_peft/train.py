@@ -17,7 +17,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from oasst_peft import distributed, fingerprint, speed
-from oasst_peft.checkpoints import GracefulStop, LatestPointer, latest_checkpoint, resolve_resume
+from oasst_peft.checkpoints import (
+    GracefulStop,
+    LatestPointer,
+    latest_checkpoint,
+    resolve_resume,
+    run_error,
+)
 from oasst_peft.config import Recipe
 from oasst_peft.errors import OasstError, Unavailable
 
@@ -404,6 +410,11 @@ def train(
     stopper.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume or None)
+    except Exception as e:  # a full disk, or a resumed pickle that is more than tensors: one line
+        error = run_error(e, out, resume)
+        if error is None:
+            raise
+        raise error from None
     finally:
         stopper.uninstall()
     if stopper.stopped:
@@ -412,7 +423,13 @@ def train(
         say(f"stopped by {stopper.signal_name}: checkpoint saved in {ckpt}; continue with --resume")
         return TrainResult(out, recipe.mode, metrics=dict(result.metrics), interrupted=True)
     command = [Path(sys.argv[0]).name, *sys.argv[1:]]
-    save_run(trainer, loaded, tokenizer, fmt, recipe, out, command)
+    try:
+        save_run(trainer, loaded, tokenizer, fmt, recipe, out, command)
+    except Exception as e:
+        error = run_error(e, out)
+        if error is None:
+            raise
+        raise error from None
     distributed.finish()  # ranks wait for rank 0's writes, then close the process group
     kind = "adapter" if recipe.mode in ("lora", "qlora") else "model"
     say(f"done: {kind} saved in {out}. Sample from it: oasst-peft sample {out}")
