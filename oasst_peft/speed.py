@@ -161,29 +161,41 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     and a mega-batch holds up to ``MEGABATCH`` batches whatever the dataset size (transformers shrinks it to
     a quarter of a small dataset, which leaves much of the padding in). The batch with the longest example
     comes first, so an out-of-memory shows at once. A short last batch stays last, keeping batches aligned.
+
+    ``batch_size`` is the global batch (per device x processes): each process takes its share of every
+    batch, so one process with batch 8 sees the same batches as two with 4. The order depends only on
+    ``seed`` and the epoch (``set_epoch``, called by the Trainer), so every rank draws the same one and a
+    resumed run replays it.
     """
 
     MEGABATCH = 64
 
-    def __init__(self, lengths, batch_size: int, generator=None):
+    def __init__(self, lengths, batch_size: int, seed: int = 0):
         self.lengths = [int(n) for n in lengths]
         self.batch_size = batch_size
-        self.generator = generator
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def batches(self) -> list[list[int]]:
-        """This epoch's batches (draws from the generator, or torch's global RNG as transformers' sampler does)."""
+        """This epoch's batches, in order."""
         n, size = len(self.lengths), self.batch_size
-        perm = torch.randperm(n, generator=self.generator).tolist()
+        if n == 0:
+            return []
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(n, generator=generator).tolist()
         step = size * self.MEGABATCH
         batches: list[list[int]] = []
         for start in range(0, n, step):
             mega = sorted(perm[start : start + step], key=self.lengths.__getitem__, reverse=True)
             cut = [mega[i : i + size] for i in range(0, len(mega), size)]
             short = cut.pop() if len(cut[-1]) < size else None
-            order = torch.randperm(len(cut), generator=self.generator).tolist()
+            order = torch.randperm(len(cut), generator=generator).tolist()
             batches += [cut[i] for i in order] + ([short] if short else [])
         longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
         if len(batches[longest]) == size:  # a short batch must stay last

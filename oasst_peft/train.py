@@ -276,7 +276,8 @@ def make_trainer(fused_loss: bool = True, **kwargs):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "with_format"):
                 return super()._get_train_sampler(train_dataset)
-            return speed.LengthGroupedSampler(speed.example_lengths(dataset), self.args.train_batch_size)
+            size = self.args.train_batch_size * self.args.world_size  # the global batch
+            return speed.LengthGroupedSampler(speed.example_lengths(dataset), size, seed=self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False

@@ -214,12 +214,15 @@ def test_choose_batching():
 def test_length_grouped_sampler_yields_every_index_once(n, size):
     g = torch.Generator().manual_seed(n)
     lengths = torch.randint(1, 500, (n,), generator=g).tolist()
-    sampler = speed.LengthGroupedSampler(lengths, size, generator=g)
+    sampler = speed.LengthGroupedSampler(lengths, size, seed=n)
     batches = sampler.batches()
     assert sorted(i for b in batches for i in b) == list(range(n))
     assert all(len(b) == size for b in batches[:-1]) and 1 <= len(batches[-1]) <= size
     assert max(lengths) in [lengths[i] for i in batches[0]]
-    first, second = list(sampler), list(sampler)
+    first = list(sampler)
+    assert first == list(speed.LengthGroupedSampler(lengths, size, seed=n)), "the same seed and epoch replay"
+    sampler.set_epoch(1)
+    second = list(sampler)
     assert sorted(first) == sorted(second) == list(range(n)) and len(sampler) == n
     if n > size * 2:
         assert first != second, "each epoch draws a new order"
@@ -233,7 +236,7 @@ def padding(batches, lengths) -> float:
 def test_length_grouping_pads_less_than_random_batches():
     g = torch.Generator().manual_seed(0)
     lengths = torch.distributions.LogNormal(5.0, 0.8).sample((512,)).clamp(24, 512).int().tolist()
-    grouped = speed.LengthGroupedSampler(lengths, 8, generator=g).batches()
+    grouped = speed.LengthGroupedSampler(lengths, 8).batches()
     order = torch.randperm(512, generator=g).tolist()
     random_batches = [order[i : i + 8] for i in range(0, 512, 8)]
     assert padding(grouped, lengths) < 0.05 < 0.3 < padding(random_batches, lengths)
