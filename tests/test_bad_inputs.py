@@ -591,3 +591,24 @@ def test_full_disk_in_a_run_is_one_line_and_keeps_the_last_checkpoint(
     assert is_complete(c.run / "checkpoint-2") and not is_complete(c.run / "checkpoint-4")
     assert (c.run / "latest").read_text().strip() == "checkpoint-2"
     assert not (c.run / "adapter_model.safetensors").exists()
+
+
+def test_a_real_process_prints_exactly_one_line_on_stderr(tmp_path, shared):
+    """Outside pytest's capture: no library warning or progress bar joins the error line."""
+    import subprocess
+    import sys
+
+    c = Corpus(tmp_path, shared)
+    argv = [str(a) for a in c.train(_checkpoint_of_another_model(c), "--resume")]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("OASST_PEFT_DEBUG", None)
+    before = _snapshot(c.run)
+    res = subprocess.run(
+        [sys.executable, "-m", "oasst_peft.cli", *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith(
+        "error: --resume: checkpoint-2 cannot continue"
+    )
+    assert _snapshot(c.run) == before
