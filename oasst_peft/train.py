@@ -25,6 +25,7 @@ from oasst_peft.checkpoints import (
     run_error,
 )
 from oasst_peft.config import Recipe
+from oasst_peft.data.stats import summary_lines
 from oasst_peft.errors import OasstError, Unavailable
 
 RUN_RECORD = "oasst_run.json"
@@ -324,7 +325,8 @@ def _print_plan(recipe: Recipe, out: Path, dtype: str, tokenized, unavailable: l
     if tokenized is not None:
         for name, n in tokenized.train_sizes().items():
             plan["datasets"][name] = {"train": n, "validation": tokenized.validation_size(name)}
-            say(f"data: {name}: {n} train / {tokenized.validation_size(name)} validation conversations")
+        for line in summary_lines(tokenized.stats):
+            say(line)
     for line in unavailable:
         say(f"data: unavailable here: {line}")
     say(f"output: {out}")
@@ -376,6 +378,8 @@ def train(
     resume = resolve_resume(out, resume) if resume else None
     tokenizer, fmt = load_tokenizer(recipe)
     tokenized, _ = prepare_data(recipe, tokenizer, say=say)
+    for line in summary_lines(tokenized.stats):  # never silent about truncation and drops
+        say(line)
     # Multi-process runs (issue 4): process group, same init on every rank, resume fingerprint.
     extra_args = distributed.setup(ds_path)
     run_fp = fingerprint.compute(recipe, tokenizer, tokenized, max_steps, distributed.world_size())

@@ -228,3 +228,17 @@ def test_dry_run_of_shipped_recipe_offline_prints_plan(path, monkeypatch):
     text = "\n".join(lines)
     assert res.dry_run and load_recipe(path).model_name in text
     assert "unavailable here" in text  # hub data and tokenizer cannot load offline; said, not crashed
+
+
+def test_truncation_and_drops_are_reported_when_training_starts(tmp_path):
+    """Over-long conversations cut at a turn boundary are counted in the run's log, never silent."""
+    recipe, _ = tiny_recipe(tmp_path, "gpt_neox", "lora", max_length=24)
+    lines: list[str] = []
+    train(recipe, dry_run=True, say=lines.append)
+    data = [line for line in lines if line.startswith("data: chat:")]
+    assert len(data) == 1 and "train /" in data[0] and "trained tokens" in data[0]
+    assert "truncated" in data[0]
+    lines.clear()
+    recipe, _ = tiny_recipe(tmp_path / "long", "gpt_neox", "lora", max_length=256)
+    train(recipe, dry_run=True, say=lines.append)
+    assert not any("truncated" in line for line in lines if line.startswith("data: chat:"))

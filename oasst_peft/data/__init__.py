@@ -18,7 +18,7 @@ from oasst_peft.data.conversation import check_conversation
 from oasst_peft.data.mix import DatasetPart, Mix, load_dataset, load_mix
 from oasst_peft.data.registry import Context, DatasetInfo, dataset_names, get_dataset_info, register_dataset
 from oasst_peft.data.spec import DatasetSpec, parse_datasets
-from oasst_peft.data.stats import data_preview, data_stats, format_preview, format_stats
+from oasst_peft.data.stats import data_preview, data_stats, format_preview, format_stats, summary_lines
 from oasst_peft.data.tokenize import TokenizedMix, tokenize_mix
 
 __all__ = [
@@ -39,5 +39,6 @@ __all__ = [
     "load_mix",
     "parse_datasets",
     "register_dataset",
+    "summary_lines",
     "tokenize_mix",
 ]

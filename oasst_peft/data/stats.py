@@ -104,6 +104,25 @@ def _dropped_text(dropped: dict) -> str:
     return ", ".join(f"{r} {n}" for r, n in sorted(dropped.items(), key=lambda x: -x[1])) or "-"
 
 
+def summary_lines(stats: dict) -> list[str]:
+    """One line per dataset for a training log: sizes, trained tokens, and what was truncated or dropped."""
+    lines = []
+    for key, by_split in stats["datasets"].items():
+        tr, va = by_split["train"], by_split["validation"]
+        line = (
+            f"data: {key}: {tr['conversations']:,} train / {va['conversations']:,} validation conversations, "
+            f"{tr['trained_tokens']:,} trained tokens"
+        )
+        truncated = tr["truncated"] + va["truncated"]
+        dropped = Counter(tr["dropped"]) + Counter(va["dropped"])
+        if truncated:
+            line += f"; truncated {truncated:,}"
+        if dropped:
+            line += f"; dropped {sum(dropped.values()):,} ({_dropped_text(dropped)})"
+        lines.append(line)
+    return lines
+
+
 def format_stats(stats: dict, console=None) -> None:
     """Print ``data_stats`` as a table."""
     from rich.console import Console
