@@ -79,19 +79,24 @@ def prepare_data(recipe: Recipe, tokenizer, say=print, tolerate_unavailable: boo
 
     specs = parse_datasets(recipe.datasets, recipe.recipe_dir)
     unavailable: list[str] = []
-    if tolerate_unavailable:
+    try:
+        mix = load_mix(specs, seed=recipe.seed)
+    except Unavailable:
+        if not tolerate_unavailable:
+            raise
+        # Find which sources cannot be reached from here (the hub while offline; a broken local file
+        # still fails) and build the mix from the rest.
         usable = []
         for spec in specs:
             try:
                 load_mix([spec], seed=recipe.seed)
-            except Unavailable as e:  # the hub while offline; a broken local file still fails
+            except Unavailable as e:
                 unavailable.append(str(e))
                 continue
             usable.append(spec)
-        specs = usable
-        if not specs:
+        if not usable:
             return None, unavailable
-    mix = load_mix(specs, seed=recipe.seed)
+        mix = load_mix(usable, seed=recipe.seed)
     tokenized = tokenize_mix(
         mix,
         tokenizer,
