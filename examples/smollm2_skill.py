@@ -16,9 +16,7 @@ import argparse
 import json
 import random
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -85,46 +83,11 @@ def evaluate(label, model, heldout, work: Path, say=print, **kwargs) -> tuple[di
 
 
 def merge_run(run: Path, out: Path, say=print) -> str:
-    """Fold the adapter into a plain HF checkpoint with ``merge_tools.merge``; returns which merger ran.
+    """Fold the adapter into a plain HF checkpoint with ``merge_tools.merge``; returns which merger ran."""
+    from merge_tools import merge
 
-    Until ``merge_tools`` ships its ``merge`` function, peft's ``merge_and_unload`` stands in (said so).
-    """
-    try:
-        from merge_tools import merge
-    except ImportError:
-        merge = None
-    if merge is not None:
-        merge(run, out, dtype="fp32", overwrite=True, say=say)  # the precision the adapter was sampled in
-        return "merge_tools.merge"
-    say("merge_tools.merge is not available here: merging with peft merge_and_unload instead")
-    _peft_merge(run, out)
-    return "peft merge_and_unload (stand-in)"
-
-
-def _peft_merge(run: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    from oasst_peft.sample import load_sampler
-
-    s = load_sampler(run)
-    merged = s.model.merge_and_unload()
-    # A GGUF-loaded model cannot save_pretrained: rebuild it from its config and state dict first.
-    plain = AutoModelForCausalLM.from_config(merged.config, dtype=merged.dtype)
-    plain.load_state_dict(merged.state_dict())
-    plain.generation_config = merged.generation_config
-    plain.generation_config.eos_token_id = s.eos_ids[0]
-    plain.generation_config.pad_token_id = s.pad_id
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=out.parent))
-    try:
-        plain.save_pretrained(tmp)
-        s.tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    merge(run, out, dtype="fp32", overwrite=True, say=say)  # the precision the adapter was sampled in
+    return "merge_tools.merge"
 
 
 def run_example(
