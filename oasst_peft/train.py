@@ -424,6 +424,7 @@ def train(
         error = run_error(e, out, resume)
         if error is None:
             raise
+        _close_progress_bars(trainer)
         raise error from None
     finally:
         stopper.uninstall()
@@ -439,11 +440,22 @@ def train(
         error = run_error(e, out)
         if error is None:
             raise
+        _close_progress_bars(trainer)
         raise error from None
     distributed.finish()  # ranks wait for rank 0's writes, then close the process group
     kind = "adapter" if recipe.mode in ("lora", "qlora") else "model"
     say(f"done: {kind} saved in {out}. Sample from it: oasst-peft sample {out}")
     return TrainResult(out, recipe.mode, metrics=dict(result.metrics))
+
+
+def _close_progress_bars(trainer) -> None:
+    """End the Trainer's open progress bars, so that an error printed next starts on a line of its own."""
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(callback, name, None)
 
 
 def _is_zero3(ds_path: str | None) -> bool:
