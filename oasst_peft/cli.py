@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     except (OasstError, MergeError) as e:
         if debug:
             raise
-        typer.echo(f"error: {e}", err=True)
+        one_line = " ".join(str(e).splitlines())  # a message that quotes user text never spans lines
+        typer.echo(f"error: {one_line}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -612,3 +612,19 @@ def test_a_real_process_prints_exactly_one_line_on_stderr(tmp_path, shared):
         "error: --resume: checkpoint-2 cannot continue"
     )
     assert _snapshot(c.run) == before
+
+
+def test_an_error_message_with_a_line_break_is_printed_on_one_line(monkeypatch, capsys):
+    """The last guard: whatever a message quotes, stderr gets exactly one line."""
+    import oasst_peft.cli as cli
+    from oasst_peft.errors import OasstError
+
+    def broken(*_a, **_k):
+        raise OasstError("datasets: bad value 'a\nb'\r\nfix it")
+
+    monkeypatch.setattr(cli, "_recipe", broken)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "whatever.yaml"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1
+    assert err == "error: datasets: bad value 'a b' fix it\n"
