@@ -13,59 +13,33 @@ from safetensors.torch import load_file
 from oasst_peft.config import load_recipe, recipe_from_dict
 from oasst_peft.errors import OasstError
 from oasst_peft.train import train
-from tests.tiny import make_model, make_tokenizer
+from tests.tiny import make_tokenizer
+from tests.tiny_run import recipe_dict, write_base, write_conversations
 
 ROOT = Path(__file__).resolve().parent.parent
-STYLE = {"gpt_neox": "neox", "llama": "llama", "bloom": "bloom"}
-
-
-def conversations_file(path: Path) -> Path:
-    """A small messages-format JSONL file (the generic local format)."""
-    rows = []
-    for i in range(12):
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"what is {i} plus two"},
-                    {"role": "assistant", "content": f"the answer is {i + 2}"},
-                    {"role": "user", "content": "thank you"},
-                    {"role": "assistant", "content": "you are welcome"},
-                ]
-            }
-        )
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def tiny_base(tmp_path: Path, arch: str = "gpt_neox", hidden: int = 64) -> Path:
-    tok = make_tokenizer(STYLE[arch])
-    model = make_model(arch, tok, hidden=hidden)
-    out = tmp_path / f"base-{arch}"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return write_base(tmp_path / f"base-{arch}", arch, hidden=hidden)
 
 
 def tiny_recipe(tmp_path: Path, arch: str = "gpt_neox", mode: str = "lora", **extra):
+    """tests/tiny_run's recipe with a validation split, evaluation every 2 steps, and the given mode."""
     base = tiny_base(tmp_path, arch)
-    data = conversations_file(tmp_path / "convs.jsonl")
-    d = {
-        "model_name": str(base),
-        "dtype": "fp32",
-        "max_length": 64,
-        "learning_rate": 5e-3,
-        "warmup_steps": 0,
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "eval_steps": 2,
-        "save_steps": 2,
-        "logging_steps": 1,
-        "output_dir": str(tmp_path / "run"),
-        "datasets": [{"chat": {"data_files": str(data), "format": "messages", "val_split": 0.2}}],
-        "cache_dir": str(tmp_path / "cache"),
-    }
-    if mode != "full":
-        d["peft"] = {"mode": mode, "r": 4, "alpha": 8, "dropout": 0.0}
+    data = write_conversations(tmp_path / "convs.jsonl")
+    d = recipe_dict(
+        base,
+        data,
+        tmp_path / "run",
+        tmp_path / "cache",
+        eval_steps=2,
+        save_total_limit=4,
+        datasets=[{"chat": {"data_files": str(data), "format": "messages", "val_split": 0.2}}],
+    )
+    if mode == "full":
+        del d["peft"]
+    else:
+        d["peft"]["mode"] = mode
     d.update(extra)
     return recipe_from_dict(d), base
 
@@ -204,7 +178,7 @@ SEED_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.stem != 
 def test_dry_run_on_a_stand_in_of_each_shipped_recipe(tmp_path, path):
     seed = load_recipe(path)
     stand_in = _stand_in(tmp_path, seed.model_name)
-    data = conversations_file(tmp_path / "convs.jsonl")
+    data = write_conversations(tmp_path / "convs.jsonl")
     recipe = load_recipe(
         path,
         [
