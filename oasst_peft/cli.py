@@ -190,6 +190,44 @@ def sample_cmd(
         _say(f"report: {write_report(report, out)}")
 
 
+@app.command("chat")
+def chat_cmd(
+    model: Annotated[
+        str, typer.Argument(help="a training run, a merged model dir, an adapter dir or a base")
+    ],
+    adapter: Annotated[
+        Path | None, typer.Option(help="LoRA adapter to apply on MODEL (when MODEL is a base)")
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="system message for the conversation")] = None,
+    config: Annotated[str, typer.Option("--config", help="greedy | typical | nucleus")] = "greedy",
+    max_new_tokens: Annotated[int, typer.Option(help="reply length limit in tokens")] = 256,
+    transcript: Annotated[
+        Path | None, typer.Option(help="keep the conversation here as JSON {'messages': [...]}")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: fp32 on CPU)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for the sampling configs")] = 0,
+) -> None:
+    """Talk to a model, turn by turn, with the saved chat template; /reset, /system TEXT, /exit.
+
+    From a pipe, each input line is one user turn and each reply is printed on its own.
+    Example: oasst-peft chat runs/demo-smollm2 --transcript chat.json
+    """
+    from oasst_peft.chat import chat
+
+    if config == "beam":
+        raise OasstError("--config: chat streams one reply at a time; use greedy, typical or nucleus")
+    chat(
+        model,
+        adapter=adapter,
+        system=system,
+        config=config,
+        max_new_tokens=max_new_tokens,
+        transcript=transcript,
+        dtype=dtype,
+        seed=seed,
+    )
+
+
 def _tokenized(r):
     from oasst_peft.model import load_tokenizer
     from oasst_peft.train import prepare_data
@@ -297,6 +335,9 @@ def shipped_recipes_dir() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line and exit 1."""
+    from oasst_peft import quiet
+
+    quiet.install()  # hide the known-harmless library warnings (the list and reasons are in quiet.py)
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("OASST_PEFT_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]

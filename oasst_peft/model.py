@@ -7,6 +7,7 @@ in LoRA/QLoRA, the rows of those tokens trainable (peft ``trainable_token_indice
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -43,9 +44,10 @@ class ModelSource:
     @property
     def pretrained_args(self) -> tuple[str, dict]:
         """(first argument, extra kwargs) for ``from_pretrained``."""
-        if self.kind == "gguf":
-            p = Path(self.location)
-            return str(p.parent), {"gguf_file": p.name}
+        if self.kind == "gguf":  # read through the dequantized safetensors cache (oasst_peft.gguf_cache)
+            from oasst_peft.gguf_cache import cached_model_dir
+
+            return str(cached_model_dir(self.location, say=print)), {}
         return self.location, {}
 
 
@@ -204,7 +206,7 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config):
         dtype=TORCH_DTYPES[dtype],
         trust_remote_code=recipe.trust_remote_code,
         config=config,
-        use_safetensors=None if source.kind == "gguf" else True,
+        use_safetensors=True,
     )
     if attn:
         kwargs["attn_implementation"] = attn
@@ -212,8 +214,6 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config):
         kwargs["use_kernels"] = True  # Hugging Face Hub kernels for the layers that have them
     if quant is not None:
         kwargs["quantization_config"] = quant
-        if source.kind == "gguf":
-            raise OasstError("model_name: qlora needs safetensors weights, not a .gguf file; use mode: lora")
     try:
         model = AutoModelForCausalLM.from_pretrained(first, **kwargs)
     except OSError as e:
@@ -225,12 +225,6 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config):
                 "refused: convert them to safetensors first"
             ) from None
         raise OasstError(f"model_name: cannot load {source.location}: {e}") from None
-    if source.kind == "gguf":
-        # A GGUF-loaded model cannot save_pretrained: rebuild it from its config and state dict.
-        rebuilt = AutoModelForCausalLM.from_config(model.config, dtype=TORCH_DTYPES[dtype])
-        rebuilt.load_state_dict(model.state_dict())
-        rebuilt.generation_config = model.generation_config
-        model = rebuilt
     return model, source
 
 
@@ -319,4 +313,9 @@ def load_model(
                 model, use_gradient_checkpointing=recipe.gradient_checkpointing
             )
         model = wrap_lora(model, recipe, token_ids)
+        # Whether the adapter stores the whole resized embedding: only when some added row is not a
+        # trainable token (those the adapter stores itself). Decided here, not by peft's "auto" guess,
+        # which needs the base's config.json (a GGUF base has none) and then assumes an unchanged vocab.
+        whole = rows != base_rows and not (recipe.peft.train_new_tokens and token_ids)
+        model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=whole)
     return LoadedModel(model, source, dtype, base_rows, rows, token_ids)

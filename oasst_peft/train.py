@@ -187,8 +187,8 @@ def sft_config(
         eval_steps=recipe.eval_steps or None,
         fp16=fp16,
         bf16=bf16,
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        activation_checkpointing=checkpointing,  # the transformers 5 name of gradient_checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         use_liger_kernel=recipe.use_liger_kernel,
         **batching.sft_kwargs(),
         seed=recipe.seed % (2**32),
