@@ -143,6 +143,7 @@ class ChatSession:
                 f"{self.context} tokens)"
             )
             self.conv.start = start
+        prompt_text = render_prompt(s.tokenizer, self.conv.messages(start))
         device = next(s.model.parameters()).device
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         t0 = time.perf_counter()
@@ -160,7 +161,7 @@ class ChatSession:
         answer = s.tokenizer.decode(kept, skip_special_tokens=True)
         self.conv.turns.append({"role": "assistant", "content": answer})
         record = {
-            "prompt": render_prompt(s.tokenizer, self.conv.messages(start)),
+            "prompt": prompt_text,
             "prompt_tokens": len(ids),
             "left_out_messages": start,
             "new_tokens": len(kept) + (stop is not None),
