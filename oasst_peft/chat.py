@@ -246,6 +246,8 @@ def chat(
         interactive = stdin.isatty() and stdout.isatty()
     out_path = check_transcript_path(transcript)
     generation_config(config, 1, [0], 0)  # a bad --config fails before the model loads
+    if config == "beam":
+        raise OasstError("--config: chat streams one reply at a time; use greedy, typical or nucleus")
 
     def notice(line: str) -> None:
         (stdout if interactive else stderr).write(line + "\n")

@@ -214,8 +214,6 @@ def chat_cmd(
     """
     from oasst_peft.chat import chat
 
-    if config == "beam":
-        raise OasstError("--config: chat streams one reply at a time; use greedy, typical or nucleus")
     chat(
         model,
         adapter=adapter,
