@@ -156,6 +156,7 @@ def main() -> int:
             ("chat", chat_each),
         ):
             n, wall, cpu = _timed(fn)
+            print(f"  {name}: {n} tokens, {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
             if name not in best or wall / n < best[name][0] / best[name][2]:
                 best[name] = (wall, cpu, n)
     for name, (wall, cpu, n) in best.items():
