@@ -26,11 +26,10 @@ _hashes: dict[tuple[str, int, int], str] = {}
 
 
 def cache_root() -> Path:
-    """Where cached models live (see the module docstring)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "oasst-peft"
+    """Where cached models live: the project's one cache root, shared with the tokenized-data cache."""
+    from oasst_peft.data.tokenize import default_cache_dir
+
+    return default_cache_dir()
 
 
 def file_sha256(path: Path) -> str:
