@@ -319,4 +319,7 @@ def load_model(
                 model, use_gradient_checkpointing=recipe.gradient_checkpointing
             )
         model = wrap_lora(model, recipe, token_ids)
+        from oasst_peft.adapter_file import save_lean
+
+        save_lean(model, base_rows, rows)  # the adapter holds LoRA + trained token rows, not the embedding
     return LoadedModel(model, source, dtype, base_rows, rows, token_ids)
