@@ -7,7 +7,8 @@ a loader only has to grow the base to the trained row count: the saved rows then
 rows, whatever they were initialised to. ``oasst-peft merge`` and ``sample`` grow it to the run
 record's ``vocab_rows``; peft's ``AutoPeftModelForCausalLM`` to ``len(tokenizer)``, which names every
 row (``template.fill_vocab``). ``save_lean`` makes a peft model save so, for the final adapter and
-every checkpoint; ``planned_bytes`` is the adapter file's size, as ``oasst-peft plan`` reports it.
+every checkpoint; ``base_signature`` goes in the run record, so that a merge into another base of the
+same shape is still refused; ``planned_bytes`` is the adapter file's size, as ``oasst-peft plan`` reports.
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def save_lean(model, base_rows: int, rows: int) -> bool:
         return False  # the new rows are not trained (train_new_tokens: false): peft must store them
     model.save_pretrained = types.MethodType(_lean_save_pretrained, model)
     return True
+
+
+def base_signature(model) -> dict | None:
+    """The base's input-embedding signature (``merge_tools.signature``), before it is resized; None when
+    the weights are partitioned (ZeRO-3 loads each rank's shard only)."""
+    from merge_tools.signature import embedding_signature
+
+    weight = model.get_input_embeddings().weight
+    if weight.dim() != 2 or weight.numel() == 0:
+        return None
+    return embedding_signature(lambda a, b: weight[a:b], weight.shape[0])
 
 
 def planned_bytes(lora_params: int, lora_layers: int, token_rows: int, hidden: int, tied: bool) -> int:

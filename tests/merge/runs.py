@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from oasst_peft.adapter_file import save_lean
+from oasst_peft.adapter_file import base_signature, save_lean
 from oasst_peft.model import lora_token_targets
 from oasst_peft.template import resize_embeddings, setup_tokenizer, tokenize_with_mask
 from tests.tiny import make_model, make_tokenizer
@@ -156,6 +156,7 @@ def make_run(
         "base_vocab_rows": base_rows,
         "vocab_rows": rows,
         "trainable_token_ids": ids,
+        "base_signature": _base_signature(base),
         "command": ["oasst-peft", "train", f"recipes/{name}.yaml", "--max-steps", str(steps)],
     }
     if mode == "qlora":
@@ -167,6 +168,12 @@ def make_run(
         }
     (out / "oasst_run.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     return out
+
+
+def _base_signature(base: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return base_signature(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
 
 
 def reference_logits(base: Path, run: Path, input_ids: list[int], qlora: bool = False) -> torch.Tensor:
