@@ -220,3 +220,14 @@ def test_planned_7b_adapter_is_lora_plus_new_rows_only():
     buf = io.StringIO()
     plan.format_plan(result, console=Console(file=buf, width=120))
     assert f"adapter on disk: {planned / 2**20:.1f} MiB" in buf.getvalue()
+
+
+def test_merge_into_another_base_of_the_same_shape_is_refused(runs, tmp_path):
+    """The lean adapter has no copy of the base to compare with: the run record's signature catches it."""
+    from merge_tools import MergeError
+
+    _, run, _ = runs["gpt_neox"]
+    other = write_base(tmp_path / "other", "gpt_neox", hidden=64, seed=5)
+    with pytest.raises(MergeError, match="differs from the base the adapter was trained on"):
+        merge(run, tmp_path / "out", base=other, verify=False, say=lambda _m: None)
+    assert not (tmp_path / "out").exists()
