@@ -223,7 +223,13 @@ def _panel(ax, title: str, ylabel: str, series: dict, empty_note: str, mean: flo
         return
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    steps = [x for pts in series.values() for x, _ in pts]
+    lo, hi = min(steps), max(steps)
+    if hi - lo < 3:  # a step or two: whole-step ticks around them, not fractions of a step
+        ax.set_xlim(lo - 1, hi + 1)
+        ax.set_xticks(range(lo - 1, hi + 2))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if mean is not None:
         ax.axhline(mean, color="0.35", linestyle="--", linewidth=1.2, label=f"whole run {mean:,.0f}")
     if len(series) > 1 or "" not in series or mean is not None:
@@ -258,7 +264,7 @@ def draw(c: Curves, path: str | Path, title: str = "") -> Path:
         mean=c.mean_rate,
     )
     bits = [title] if title else []
-    bits.append(f"{c.last_step} steps")
+    bits.append(f"{c.last_step} step" + ("" if c.last_step == 1 else "s"))
     if c.tokens is not None:
         bits.append(f"{c.tokens:,} tokens")
     if c.wall_s is not None:
