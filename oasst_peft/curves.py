@@ -121,37 +121,44 @@ def _rates(points: list, eval_s: dict[int, float]) -> list:
     return rates, (round(total_tokens), total_s)
 
 
-def find_state(run: str | Path) -> Path:
-    """The run's ``trainer_state.json``: in the run dir, else in its newest checkpoint."""
+def _read_history(path: Path) -> list[dict] | None:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    history = state.get("log_history") if isinstance(state, dict) else None
+    return [e for e in history if isinstance(e, dict)] if isinstance(history, list) else None
+
+
+def find_state(run: str | Path) -> tuple[Path, list[dict]]:
+    """The run's trainer state and its log history: the run dir's own, else its newest readable checkpoint's.
+
+    A checkpoint torn by a kill mid-write is passed over for the one before it.
+    """
     run = Path(run)
     if not run.is_dir():
         raise OasstError(f"{run}: no such run folder (give the output_dir of a training run)")
-    if (run / STATE_FILE).is_file():
-        return run / STATE_FILE
+    candidates = [run / STATE_FILE] if (run / STATE_FILE).is_file() else []
     steps = []
     for ckpt in run.glob("checkpoint-*"):
         tail = ckpt.name.removeprefix("checkpoint-")
         if tail.isdigit() and (ckpt / STATE_FILE).is_file():
             steps.append((int(tail), ckpt / STATE_FILE))
-    if not steps:
-        raise OasstError(
-            f"{run}: no {STATE_FILE} here or in a checkpoint-* folder; is this the output_dir of a training run?"
-        )
-    return max(steps)[1]
+    candidates += [path for _, path in sorted(steps, reverse=True)]
+    for path in candidates:
+        history = _read_history(path)
+        if history is not None:
+            return path, history
+    if candidates:
+        raise OasstError(f"{candidates[0]}: cannot read the trainer state (no readable log_history in it)")
+    raise OasstError(
+        f"{run}: no {STATE_FILE} here or in a checkpoint-* folder; is this the output_dir of a training run?"
+    )
 
 
 def load(run: str | Path) -> Curves:
-    path = find_state(run)
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OasstError(
-            f"{path}: cannot read the trainer state ({e}); redraw from a checkpoint's copy"
-        ) from None
-    history = state.get("log_history") if isinstance(state, dict) else None
-    if not isinstance(history, list):
-        raise OasstError(f"{path}: no log_history in this trainer state")
-    return extract([e for e in history if isinstance(e, dict)])
+    """The curves of a run dir (see ``find_state``)."""
+    return extract(find_state(run)[1])
 
 
 def _duration(seconds: float) -> str:
@@ -285,10 +292,11 @@ def draw(c: Curves, path: str | Path, title: str = "") -> Path:
 def report(run: str | Path, out: str | Path | None = None) -> Report:
     """Redraw ``RUN/training_curves.png`` (or ``out``) from the run's trainer state; the summary lines."""
     run = Path(run)
-    c = load(run)
+    state, history = find_state(run)
+    c = extract(history)
     lines = summary_lines(c)
     if c.empty:
-        lines.append(f"curves: not drawn: nothing logged yet in {find_state(run)}")
+        lines.append(f"curves: not drawn: nothing logged yet in {state}")
         return Report(c, None, lines)
     png = draw(c, Path(out) if out else run / CURVES_FILE, title=run.resolve().name)
     lines.append(f"curves: {png}")

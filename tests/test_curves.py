@@ -84,6 +84,8 @@ def test_report_redraws_from_the_run_or_its_newest_checkpoint(tmp_path):
     run = tmp_path / "run"
     _write_state(run / "checkpoint-2", _history()[:2])
     _write_state(run / "checkpoint-3", _history()[:5])
+    (run / "checkpoint-4").mkdir()
+    (run / "checkpoint-4" / curves.STATE_FILE).write_text('{"log_hi')  # torn by a kill: passed over
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert "steps: 3" in result.output and "eval loss [chat]: best 2.6000 at step 2" in result.output
