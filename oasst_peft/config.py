@@ -194,7 +194,7 @@ class Recipe(BaseModel):
             raise ValueError("must be >= 0")
         return v
 
-    @field_validator("report_to")
+    @field_validator("report_to", mode="before")
     @classmethod
     def _report_to(cls, v):
         return check_report_to(v)
