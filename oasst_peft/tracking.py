@@ -34,9 +34,8 @@ PROBE_TIMEOUT_S = 2.0
 # What the trackers would send home on their own (mlflow's telemetry, wandb's error reports) is off, and
 # wandb's console chatter quiet (train prints where the run went); unless the user set these.
 TRACKER_DEFAULTS = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "WANDB_ERROR_REPORTING": "false",
-    "WANDB_SILENT": "true",
+    "mlflow": {"MLFLOW_DISABLE_TELEMETRY": "true"},
+    "wandb": {"WANDB_ERROR_REPORTING": "false", "WANDB_SILENT": "true"},
 }
 
 # Values this module put into os.environ, so that a second run in the same process can tell them from
@@ -145,8 +144,9 @@ def prepare(recipe, out: Path, say=print, dry_run: bool = False) -> list[str]:
         say(f"tracking: {', '.join(trackers)}")
         return trackers
     out = Path(out).resolve()
-    for key, value in TRACKER_DEFAULTS.items():
-        _set(key, value)
+    for tracker in trackers:
+        for key, value in TRACKER_DEFAULTS.get(tracker, {}).items():
+            _set(key, value)
     lines = []
     if "tensorboard" in trackers:
         lines.append(f"tensorboard in {getattr(recipe, 'log_dir', None) or out / 'runs'}")
