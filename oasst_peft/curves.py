@@ -207,7 +207,7 @@ def _panel(ax, title: str, ylabel: str, series: dict, empty_note: str, mean: flo
         ax.plot(
             xs,
             ys,
-            marker=markers[i % len(markers)],
+            marker=markers[i % len(markers)] if len(xs) <= 200 else None,
             markersize=4 if len(xs) > 30 else 6,
             linewidth=1.8,
             label=label,
@@ -245,13 +245,13 @@ def _panel(ax, title: str, ylabel: str, series: dict, empty_note: str, mean: flo
 
 def draw(c: Curves, path: str | Path, title: str = "") -> Path:
     """Write the four-panel PNG to ``path`` (a temp sibling, then renamed into place)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    # The Agg canvas on a bare Figure: no pyplot, so no global figure state and a user's backend is untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     path = Path(path)
     fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
     (a, b), (d, e) = fig.subplots(2, 2)
     _panel(a, "train loss", "loss (assistant tokens)", {"": c.train_loss}, "no train loss logged yet")
     _panel(
