@@ -208,10 +208,11 @@ def test_planned_7b_adapter_is_lora_plus_new_rows_only():
     from oasst_peft import plan
     from oasst_peft.config import load_recipe
 
-    result = plan.plan_recipe(load_recipe(ROOT / "recipes" / "stablelm7b-lora.yaml"))
-    shape = plan.model_shape(plan.load_model_config(result["model"]["name"]))
-    setup = plan.recipe_setup(load_recipe(ROOT / "recipes" / "stablelm7b-lora.yaml"))
-    lora = plan.lora_params(plan._targets(shape, setup.lora_targets), setup.lora_r) * 4
+    recipe = load_recipe(ROOT / "recipes" / "stablelm7b-lora.yaml")
+    assert recipe.peft.target_modules == "all-linear" and recipe.peft.r == 16
+    result = plan.plan_recipe(recipe)
+    shape = plan.model_shape(plan.load_model_config(recipe.model_name))
+    lora = sum(16 * (lin.in_features + lin.out_features) * lin.count for lin in shape.linears) * 4
     rows = result["adapter"]["token_rows"] * shape.hidden * (1 if shape.tied else 2) * 4
     planned = result["adapter"]["bytes"]
     assert lora + rows < planned < (lora + rows) * 1.01
