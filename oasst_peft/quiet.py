@@ -6,8 +6,9 @@ before it imports anything heavy. To see them all again, set ``OASST_PEFT_ALL_WA
 
 Not in the list, because it was not harmless: peft's "Could not find a config file in ... will assume
 that the vocabulary was not modified" (saving an adapter trained on a GGUF base). The vocabulary was
-modified; peft guesses so to decide whether to save the whole embedding matrix. ``load_model`` now
-makes that decision itself (``save_embedding_layers``), so peft no longer guesses or warns.
+modified; peft guesses so to decide whether to save the whole embedding matrix. The run now makes
+that decision itself (``oasst_peft.adapter_file.save_lean``: lean when the trainable token rows cover
+every added row), so peft no longer guesses or warns.
 """
 
 from __future__ import annotations
