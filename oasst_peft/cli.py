@@ -140,6 +140,29 @@ def merge(
     _say(f"merged model: {report.out}. Load it with AutoModelForCausalLM.from_pretrained('{report.out}')")
 
 
+@app.command()
+def export(
+    src: Annotated[
+        Path, typer.Argument(help="a merged or full model dir, or a LoRA/QLoRA run (merged on the way)")
+    ],
+    gguf: Annotated[
+        Path, typer.Option("--gguf", help="the GGUF file to write (an Ollama Modelfile goes beside it)")
+    ],
+    type_: Annotated[str, typer.Option("--type", help="f32 | f16 | bf16 | q8_0")] = "f16",
+    modelfile: Annotated[
+        bool, typer.Option("--modelfile/--no-modelfile", help="write an Ollama Modelfile")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing GGUF / Modelfile")] = False,
+) -> None:
+    """Write a GGUF for llama.cpp / Ollama (llama family and Bloom), with the oasst chat format and stops.
+
+    Example: oasst-peft export runs/demo-smollm2 --gguf runs/demo-gguf/demo.gguf --type q8_0
+    """
+    from oasst_peft.export import export_gguf
+
+    export_gguf(src, gguf, qtype=type_, modelfile=modelfile, overwrite=overwrite, say=_say)
+
+
 @app.command("sample")
 def sample_cmd(
     model: Annotated[

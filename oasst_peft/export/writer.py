@@ -96,6 +96,15 @@ def _check_out(out: Path, overwrite: bool, modelfile: bool) -> None:
         raise OasstError(f"--gguf: {existing[0]} already exists; pass --overwrite to replace it")
 
 
+def _check_base_early(run) -> None:
+    """Refuse an unsupported architecture before spending a merge on it (when the base is a local folder)."""
+    base = Path(str((run.record or {}).get("base_model") or ""))
+    if base.name and (base / "config.json").is_file():
+        from transformers import AutoConfig
+
+        model_shape(AutoConfig.from_pretrained(str(base)), str(run.path))
+
+
 def _source_folder(src: Path, scratch: Path, say) -> tuple[Path, bool]:
     """A folder with config.json + safetensors + tokenizer for ``src``, merging an adapter on the way."""
     from merge_tools import merge
@@ -104,6 +113,7 @@ def _source_folder(src: Path, scratch: Path, say) -> tuple[Path, bool]:
     run = resolve_input(src)
     if run.kind == "full":
         return run.path, False
+    _check_base_early(run)
     say(f"export: {src} is a {run.mode} {run.kind}; merging it first (streaming, into a temp folder)")
     merged = scratch / "merged"
     merge(src, merged, say=lambda line: say(f"  merge: {line}"))
