@@ -331,3 +331,21 @@ def test_q8_0_blocks_round_trip_within_quantization_error():
     assert t == gguf.GGMLQuantizationType.Q8_0 and np.abs(back - w).max() < np.abs(w).max() / 100
     assert storage_type("q8_0", (8, 48)) == gguf.GGMLQuantizationType.F16  # not whole 32-blocks
     assert storage_type("q8_0", (64,)) == gguf.GGMLQuantizationType.F32
+
+
+@pytest.mark.slow
+def test_a_qlora_run_exports_with_the_merged_models_logits(tmp_path):
+    from merge_tools import merge
+
+    base = make_base(tmp_path, "llama")
+    run = make_run(tmp_path, base, "qrun", mode="qlora", steps=2)
+    merged = tmp_path / "merged"
+    merge(run, merged, say=lambda _: None)
+    out = _export(run, tmp_path / "gguf", "f32")
+    model, tok = _load(out)
+    ref, ref_tok = _reference(merged)
+    ids = _ids(ref_tok, PROBES[0])
+    assert _ids(tok, PROBES[0]) == ids
+    with torch.no_grad():
+        diff = (model(torch.tensor([ids])).logits - ref(torch.tensor([ids])).logits).abs().max().item()
+    assert diff < 1e-4
