@@ -140,6 +140,7 @@ def test_metadata_marks_oasst_tokens_as_control_pads_the_vocab_and_ends_turns_wi
     assert len(tokens) == int(emb.shape[-1])  # one entry per embedding row
     assert _field(reader, "general.architecture") == arch
     assert _field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert _field(reader, "general.name") == merged.name
     for t in ROLE_TOKENS:
         assert types[tokens.index(t)] == gguf.TokenType.CONTROL
     eot_id = ref_tok.convert_tokens_to_ids(ref_tok.eos_token)

@@ -138,7 +138,7 @@ def export_gguf(
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
     try:
         folder, merged = _source_folder(src, scratch, say)
-        report = _export(folder, out, qtype, modelfile, say)
+        report = _export(folder, out, qtype, modelfile, say, name=src.resolve().name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report.merged = merged
@@ -149,7 +149,7 @@ def export_gguf(
     return report
 
 
-def _export(folder: Path, out: Path, qtype: str, modelfile: bool, say) -> ExportReport:
+def _export(folder: Path, out: Path, qtype: str, modelfile: bool, say, name: str) -> ExportReport:
     import gguf
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
@@ -170,7 +170,7 @@ def _export(folder: Path, out: Path, qtype: str, modelfile: bool, say) -> Export
     total = 0
     try:
         writer = gguf.GGUFWriter(str(tmp), shape.arch)
-        add_hparams(writer, shape, qtype, folder.name)
+        add_hparams(writer, shape, qtype, name)
         add_vocab(writer, plan, folder)
         for hf, name in pairs:
             gtype = storage_type(qtype, shapes[hf])
