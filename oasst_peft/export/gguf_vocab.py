@@ -2,7 +2,8 @@
 
 ``vocab_plan(tokenizer, rows)`` reads a Hugging Face fast tokenizer and lays it out the way llama.cpp's
 ``gpt2`` tokenizer model expects it: one entry per embedding row (rows past the tokenizer become
-unused ``[PAD<id>]`` entries), every special added token (the oasst role tokens and the end-of-turn
+unused entries, named ``[PAD<id>]`` unless the
+tokenizer already names them ``<|oasst_unused_N|>``), every special added token (the oasst role tokens and the end-of-turn
 token among them) marked CONTROL, other added tokens USER_DEFINED. ``add_vocab`` writes the plan
 with the ``gguf`` package's writer and its ``SpecialVocab`` helper (which reads the merges from
 ``tokenizer.json``). eos is the end-of-turn token, so a runtime stops where training ended a reply.
@@ -16,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oasst_peft.errors import OasstError
-from oasst_peft.template import ROLE_TOKENS
+from oasst_peft.template import FILLER_TOKEN, ROLE_TOKENS
 
 # llama.cpp names the way a vocabulary splits text before BPE; these are the shapes we can recognise.
 _LLAMA3_SPLIT_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
 _GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
+_FILLER = re.compile(re.escape(FILLER_TOKEN).replace(r"\{\}", r"\d+"))
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,8 @@ def vocab_plan(tokenizer, rows: int, eot_id: int | None, where: str) -> VocabPla
     tokens, types = [], []
     padding = 0
     for i in range(rows):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
+        if i not in by_id or _FILLER.fullmatch(by_id[i]):  # a padding row (named by the trainer or not)
+            tokens.append(by_id.get(i, f"[PAD{i}]"))
             types.append(5)  # UNUSED
             padding += 1
         else:
