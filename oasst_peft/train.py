@@ -280,10 +280,8 @@ def make_trainer(fused_loss: bool = True, **kwargs):
     class OasstSFTTrainer(SFTTrainer):
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
-            if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "with_format"):
-                return super()._get_train_sampler(train_dataset)
-            size = self.args.train_batch_size * self.args.world_size  # the global batch
-            return speed.LengthGroupedSampler(speed.example_lengths(dataset), size, seed=self.args.seed)
+            sampler = speed.train_sampler(self.args, dataset)  # project-owned: SamplerEpoch sets its epoch
+            return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
@@ -415,6 +413,7 @@ def train(
         trainer.add_callback(SampleOnEvalCallback(tokenizer, say=say))
     stopper = GracefulStop()
     trainer.add_callback(LatestPointer())
+    trainer.add_callback(speed.SamplerEpoch())
     trainer.add_callback(fingerprint.FingerprintCallback(run_fp.to_dict()))
     trainer.add_callback(stopper)
     stopper.install()
