@@ -385,7 +385,9 @@ def train(
         say(line)
     # Multi-process runs (issue 4): process group, same init on every rank, resume fingerprint.
     extra_args = distributed.setup(ds_path)
-    run_fp = fingerprint.compute(recipe, tokenizer, tokenized, max_steps, distributed.world_size())
+    run_fp = fingerprint.compute(
+        recipe, tokenizer, tokenized, max_steps, distributed.world_size(), zero=bool(ds_path)
+    )
     if resume:
         fingerprint.check_resume(resume, run_fp, force=force, say=say)
     set_seed(recipe.seed % (2**32))  # new embedding rows and LoRA init: identical on every rank and run
@@ -394,6 +396,9 @@ def train(
     model_config = loaded.model.config
     batching = speed.choose_batching(recipe, model_config._attn_implementation, model_config)
     say(batching.line())
+    run_fp = fingerprint.with_batching(run_fp, batching.name, model_config._attn_implementation)
+    if resume:  # what the loaded model decided: batching, attention
+        fingerprint.check_resume(resume, run_fp, force=force, say=say, runtime_only=True)
 
     has_eval = bool(tokenized.validation)
     args = sft_config(recipe, out, dtype, max_steps, has_eval, ds_path, batching=batching, **extra_args)
