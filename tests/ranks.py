@@ -33,7 +33,7 @@ if "no-sampler-epoch" in faults:
     speed.SamplerEpoch.on_epoch_begin = lambda self, args, state, control, **kwargs: control
 if "local-stop" in faults:
     from oasst_peft import checkpoints
-    checkpoints.GracefulStop.shared_flag = lambda self: self.stopped
+    checkpoints.GracefulStop.shared_flag = lambda self, args: self.stopped
 if "pause" in faults and os.environ.get("RANK") == os.environ.get("FAULT_RANK"):
     import oasst_peft.train as train_mod
     from transformers import TrainerCallback
@@ -104,7 +104,12 @@ def start(tmp: Path, faults: str, *args: str, **extra: str) -> subprocess.Popen:
     out = open(tmp / f"ranks-{stamp}.out", "w+b")  # noqa: SIM115 - closed by the caller through the Popen
     err = open(tmp / f"ranks-{stamp}.err", "w+b")  # noqa: SIM115
     proc = subprocess.Popen(
-        driver_command(tmp, *args), env=env(FAULT=faults, **extra), cwd=ROOT, stdout=out, stderr=err
+        driver_command(tmp, *args),
+        env=env(FAULT=faults, **extra),
+        cwd=ROOT,
+        stdout=out,
+        stderr=err,
+        start_new_session=True,  # the test can end torchrun and its workers together (os.killpg)
     )
     proc.out_file, proc.err_file = out, err
     return proc
