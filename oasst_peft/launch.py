@@ -172,7 +172,6 @@ def launch_command(opts: LaunchOptions, argv: list[str]) -> list[str]:
         # Workers read LOCAL_RANK from the environment; the CLI takes no --local_rank argument.
         return [*cmd, "--no_local_rank", "--module", CHILD_MODULE, *child]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(opts.nproc or 1)]
-    cmd += ["--shutdown-timeout", str(opts.shutdown_timeout)]
     if opts.nnodes == 1 and opts.master_addr is None and opts.master_port is None:
         cmd += ["--standalone"]  # a free local port: several single-node runs can share a machine
     else:
@@ -186,6 +185,7 @@ def launch_command(opts: LaunchOptions, argv: list[str]) -> list[str]:
             "--master-port",
             str(opts.master_port or DEFAULT_MASTER_PORT),
         ]
+    cmd += ["--shutdown-timeout", str(opts.shutdown_timeout)]  # time to save after Ctrl-C
     return [*cmd, "--module", CHILD_MODULE, *child]
 
 
