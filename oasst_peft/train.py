@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from oasst_peft import distributed, fingerprint, speed
+from oasst_peft import batches, distributed, fingerprint, schedule, speed
 from oasst_peft.checkpoints import (
     GracefulStop,
     LatestPointer,
@@ -125,7 +125,7 @@ def preflight(
     from oasst_peft.model import load_tokenizer
 
     out = Path(output_dir or recipe.output_dir)
-    deepspeed_config_path(recipe)
+    schedule.check(recipe, deepspeed_config_path(recipe))
     check_output_dir(out, resume, overwrite)
     checkpoint = resolve_resume(out, resume) if resume else None
     tokenizer, _ = load_tokenizer(recipe)
@@ -358,6 +358,7 @@ def train(
     say = distributed.rank_zero(say)  # under a launcher, rank 0 speaks for all
     out = Path(output_dir or recipe.output_dir)
     ds_path = deepspeed_config_path(recipe)
+    schedule.settle(recipe, ds_path, say=say)  # the schedule that runs, one line; a conflicting JSON refused
     if not dry_run:
         check_output_dir(out, resume, overwrite)
     dtype = effective_dtype(recipe, say=say)
@@ -419,6 +420,7 @@ def train(
     stopper = GracefulStop()
     trainer.add_callback(LatestPointer())
     trainer.add_callback(speed.SamplerEpoch())
+    trainer.add_callback(batches.BatchReport(len(tokenized.train), batching.packing, say=say))
     trainer.add_callback(fingerprint.FingerprintCallback(run_fp.to_dict()))
     trainer.add_callback(stopper)
     stopper.install()
