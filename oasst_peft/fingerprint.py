@@ -28,6 +28,7 @@ BOOKKEEPING_KEYS = frozenset(
     {
         "output_dir",
         "log_dir",
+        "report_to",
         "cache_dir",
         "logging_steps",
         "eval_steps",
@@ -37,7 +38,6 @@ BOOKKEEPING_KEYS = frozenset(
         "per_device_eval_batch_size",
         "sample_on_eval",  # adds generations to the eval log; training is the same
         "use_custom_sampler",  # accepted for OA recipes, changes nothing here
-        "report_to",
     }
 )
 # What the run decides on this host; compared only when both fingerprints carry the key.
