@@ -247,6 +247,7 @@ def save_run(trainer, loaded, tokenizer, fmt, recipe: Recipe, out: Path, command
             "base_vocab_rows": loaded.base_vocab_rows,
             "vocab_rows": loaded.vocab_rows,
             "trainable_token_ids": loaded.trainable_token_ids,
+            "base_signature": loaded.base_signature,
             "command": command,
         }
         if recipe.mode == "qlora":
