@@ -68,6 +68,9 @@ def train(
     force: Annotated[
         bool, typer.Option(help="resume even if the recipe, data or tokenizer changed since the checkpoint")
     ] = False,
+    shutdown_timeout: Annotated[
+        int, typer.Option(help="seconds the launcher gives workers to save after Ctrl-C (default 900)")
+    ] = 900,
 ) -> None:
     """Train as the recipe says.
 
@@ -78,7 +81,7 @@ def train(
     if nproc is not None or hostfile or nnodes > 1:
         from oasst_peft.launch import LaunchOptions, check_options, relaunch
 
-        opts = LaunchOptions(nproc, nnodes, node_rank, master_addr, master_port, hostfile)
+        opts = LaunchOptions(nproc, nnodes, node_rank, master_addr, master_port, hostfile, shutdown_timeout)
         if not dry_run:  # every check that needs no weights, before a worker starts
             from oasst_peft.train import preflight
 
