@@ -68,6 +68,9 @@ def train(
     force: Annotated[
         bool, typer.Option(help="resume even if the recipe, data or tokenizer changed since the checkpoint")
     ] = False,
+    shutdown_timeout: Annotated[
+        int, typer.Option(help="seconds the launcher gives workers to save after Ctrl-C (default 900)")
+    ] = 900,
 ) -> None:
     """Train as the recipe says.
 
@@ -78,7 +81,7 @@ def train(
     if nproc is not None or hostfile or nnodes > 1:
         from oasst_peft.launch import LaunchOptions, check_options, relaunch
 
-        opts = LaunchOptions(nproc, nnodes, node_rank, master_addr, master_port, hostfile)
+        opts = LaunchOptions(nproc, nnodes, node_rank, master_addr, master_port, hostfile, shutdown_timeout)
         if not dry_run:  # every check that needs no weights, before a worker starts
             from oasst_peft.train import preflight
 
@@ -138,6 +141,29 @@ def merge(
         say=_say,
     )
     _say(f"merged model: {report.out}. Load it with AutoModelForCausalLM.from_pretrained('{report.out}')")
+
+
+@app.command()
+def export(
+    src: Annotated[
+        Path, typer.Argument(help="a merged or full model dir, or a LoRA/QLoRA run (merged on the way)")
+    ],
+    gguf: Annotated[
+        Path, typer.Option("--gguf", help="the GGUF file to write (an Ollama Modelfile goes beside it)")
+    ],
+    type_: Annotated[str, typer.Option("--type", help="f32 | f16 | bf16 | q8_0")] = "f16",
+    modelfile: Annotated[
+        bool, typer.Option("--modelfile/--no-modelfile", help="write an Ollama Modelfile")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing GGUF / Modelfile")] = False,
+) -> None:
+    """Write a GGUF for llama.cpp / Ollama (llama family and Bloom), with the oasst chat format and stops.
+
+    Example: oasst-peft export runs/demo-smollm2 --gguf runs/demo-gguf/demo.gguf --type q8_0
+    """
+    from oasst_peft.export import export_gguf
+
+    export_gguf(src, gguf, qtype=type_, modelfile=modelfile, overwrite=overwrite, say=_say)
 
 
 @app.command("sample")

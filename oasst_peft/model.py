@@ -129,22 +129,10 @@ def load_config(recipe: Recipe):
 
 
 def pick_attention(recipe: Recipe, say=print) -> str | None:
-    """flash_attention_2 when asked for and possible, else sdpa; prints one line when asked for."""
-    if not recipe.use_flash_attention:
-        return None
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    if has_flash and torch.cuda.is_available() and recipe.dtype in ("fp16", "bf16"):
-        say("attention: flash_attention_2 (flash-attn installed, CUDA GPU present)")
-        return "flash_attention_2"
-    why = (
-        "flash-attn is not installed (pip install -e '.[flash]')"
-        if not has_flash
-        else "no CUDA GPU"
-        if not torch.cuda.is_available()
-        else "flash attention needs fp16/bf16"
-    )
-    say(f"attention: sdpa, because {why}")
-    return "sdpa"
+    """flash_attention_2 when asked for and possible, else sdpa; prints one line when asked for (``attention``)."""
+    from oasst_peft import attention
+
+    return attention.pick(recipe, say=say)
 
 
 def apply_residual_dropout(config, p: float, say=print) -> None:
