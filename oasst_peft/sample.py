@@ -175,7 +175,7 @@ def _from_pretrained(loader, source, what: str, **kwargs):
 
 def _source_for(name: str | Path):
     """A ModelSource for a MODEL argument, or one clear line when it is neither a path nor a hub id."""
-    from oasst_peft.model import resolve_model_source
+    from oasst_peft.model_info import resolve_model_source
 
     text = str(name)
     try:
@@ -186,7 +186,7 @@ def _source_for(name: str | Path):
 
 def _base_from_record(adapter_dir: Path, record: dict | None):
     """The base an adapter was trained on: from the run record, else from adapter_config.json."""
-    from oasst_peft.model import ModelSource
+    from oasst_peft.model_info import ModelSource
 
     if record and record.get("base_model"):
         source = ModelSource(record.get("base_kind", "dir"), str(record["base_model"]))
@@ -209,7 +209,7 @@ def _base_from_record(adapter_dir: Path, record: dict | None):
 def _load_tokenizer(path: Path | str, source=None):
     from transformers import AutoTokenizer
 
-    from oasst_peft.model import ModelSource
+    from oasst_peft.model_info import ModelSource
 
     source = source or ModelSource("dir", str(path))
     return _from_pretrained(AutoTokenizer, source, "tokenizer")
