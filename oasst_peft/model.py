@@ -68,25 +68,30 @@ def apply_residual_dropout(config, p: float, say=print) -> None:
         )
 
 
+def nf4_config(quant_type: str, double_quant: bool, compute_dtype: str, storage: str | None = None):
+    """The one bitsandbytes 4-bit config (training and sampling): ``compute_dtype`` is fp16 | bf16 | fp32."""
+    from transformers import BitsAndBytesConfig
+
+    kwargs = {"bnb_4bit_quant_storage": getattr(torch, storage)} if storage else {}
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=TORCH_DTYPES[compute_dtype],
+        **kwargs,
+    )
+
+
 def quantization_config(recipe: Recipe, dtype: str, zero3: bool = False, say=print):
     """bitsandbytes 4-bit NF4 config for qlora, else None."""
     if recipe.mode != "qlora":
         return None
-    from transformers import BitsAndBytesConfig
-
     storage = recipe.peft.bnb_4bit_quant_storage
     if zero3 and storage is None:
         storage = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
         say(f"qlora under ZeRO-3: bnb_4bit_quant_storage set to {storage} (the model dtype)")
-    kwargs = {}
-    if storage:
-        kwargs["bnb_4bit_quant_storage"] = getattr(torch, storage)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=recipe.peft.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=recipe.peft.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=TORCH_DTYPES[dtype],
-        **kwargs,
+    return nf4_config(
+        recipe.peft.bnb_4bit_quant_type, recipe.peft.bnb_4bit_use_double_quant, dtype, storage=storage
     )
 
 
@@ -131,6 +136,17 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config, devi
         rebuilt.generation_config = model.generation_config
         model = rebuilt
     return model, source
+
+
+def _partition_new_parameters(model) -> None:
+    """Under ZeRO-3, partition the parameters made after load (transformers builds resized embeddings whole).
+
+    With them, every parameter is partitioned from the moment the model is loaded, on every rank.
+    """
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config())
 
 
 def lora_token_targets(model, token_ids: list[int]) -> dict[str, list[int]]:
@@ -197,8 +213,11 @@ def load_model(
     model, source = _load_base(
         recipe, settings.weights_dtype, settings.attention, quant, config, settings.device_map(recipe.mode)
     )
-    base_rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    base_rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitioned at load: ds_shape is whole
     rows = resize_embeddings(model, tokenizer, recipe.pad_vocab_multiple)
+    if settings.zero3 and quant is None:
+        _partition_new_parameters(model)
     model.generation_config.eos_token_id = fmt.eot_id
     model.generation_config.pad_token_id = fmt.pad_id
     model.config.eos_token_id = fmt.eot_id

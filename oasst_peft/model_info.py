@@ -76,13 +76,17 @@ def resolve_model_source(name: str, base_dir: Path | None = None) -> ModelSource
     return ModelSource("hub", name)
 
 
-def hub_error(what: str, name: str, err: Exception) -> OasstError:
+def hub_error(
+    what: str,
+    name: str,
+    err: Exception,
+    key: str = "model_name",
+    fix: str = "download it once or set model_name to a local folder or .gguf file",
+) -> OasstError:
+    """The one line for a hub model or tokenizer that cannot be loaded from here (offline, or not found)."""
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     why = "offline (HF_HUB_OFFLINE is set)" if offline else f"could not be loaded ({type(err).__name__})"
-    return Unavailable(
-        f"model_name: {what} '{name}' {why} and is not in the local cache; download it once or set "
-        "model_name to a local folder or .gguf file"
-    )
+    return Unavailable(f"{key}: {what} '{name}' {why} and is not in the local cache; {fix}")
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,8 @@ def padded_vocab_size(n_tokens: int, current_rows: int, multiple: int = 16) -> i
 
 def resize_embeddings(model, tokenizer, multiple: int = 16) -> int:
     """Grow the embedding (and untied lm_head) to fit the tokenizer; never shrink. Returns the new row count."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partitioned weight keeps its shape here
     target = padded_vocab_size(len(tokenizer), rows, multiple)
     if target != rows:
         model.resize_token_embeddings(target, mean_resizing=False)

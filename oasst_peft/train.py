@@ -8,7 +8,6 @@ markers) and TRL turns it into labels. The output dir gets the standard HF/PEFT 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -28,10 +27,8 @@ from oasst_peft.config import Recipe
 from oasst_peft.data.prepare import prepare_data
 from oasst_peft.data.stats import summary_lines
 from oasst_peft.errors import OasstError, Unavailable
+from oasst_peft.run_record import RECIPE_RECORD, RUN_RECORD, RunRecord
 from oasst_peft.shipped import deepspeed_config_path
-
-RUN_RECORD = "oasst_run.json"
-RECIPE_RECORD = "oasst_recipe.yaml"
 
 
 @dataclass
@@ -108,7 +105,16 @@ def _atomic_save(out: Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_run(trainer, loaded, tokenizer, fmt, recipe: Recipe, out: Path, command: list[str]) -> None:
+def save_run(
+    trainer,
+    loaded,
+    tokenizer,
+    fmt,
+    recipe: Recipe,
+    out: Path,
+    command: list[str],
+    deepspeed_config: str | None = None,
+) -> None:
     """Write the final model or adapter, tokenizer, generation config, resolved recipe and run record."""
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -125,28 +131,29 @@ def save_run(trainer, loaded, tokenizer, fmt, recipe: Recipe, out: Path, command
         tokenizer.save_pretrained(str(tmp))
         gen.save_pretrained(str(tmp))
         (tmp / RECIPE_RECORD).write_text(recipe.to_yaml(), encoding="utf-8")
-        record = {
-            "base_model": loaded.source.location,
-            "base_kind": loaded.source.kind,
-            "mode": recipe.mode,
-            "dtype": loaded.dtype,
-            "eot_token": fmt.eot,
-            "eot_token_id": fmt.eot_id,
-            "pad_token_id": fmt.pad_id,
-            "base_vocab_rows": loaded.base_vocab_rows,
-            "vocab_rows": loaded.vocab_rows,
-            "trainable_token_ids": loaded.trainable_token_ids,
-            "command": command,
-        }
+        record = RunRecord(
+            base_model=loaded.source.location,
+            base_kind=loaded.source.kind,
+            mode=recipe.mode,
+            dtype=loaded.dtype,
+            eot_token=fmt.eot,
+            eot_token_id=fmt.eot_id,
+            pad_token_id=fmt.pad_id,
+            base_vocab_rows=loaded.base_vocab_rows,
+            vocab_rows=loaded.vocab_rows,
+            trainable_token_ids=loaded.trainable_token_ids,
+            command=command,
+            deepspeed_config=deepspeed_config,
+        )
         if recipe.mode == "qlora":
             p = recipe.peft
-            record["bnb_4bit"] = {
+            record.bnb_4bit = {
                 "quant_type": p.bnb_4bit_quant_type,
                 "double_quant": p.bnb_4bit_use_double_quant,
                 "compute_dtype": loaded.dtype,
                 "blocksize": 64,
             }
-        (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        record.write(tmp)
 
     if trainer.args.should_save:
         _atomic_save(out, write)
@@ -285,7 +292,7 @@ def train(
         return TrainResult(out, recipe.mode, metrics=dict(result.metrics), interrupted=True)
     command = [Path(sys.argv[0]).name, *sys.argv[1:]]
     try:
-        save_run(trainer, loaded, tokenizer, fmt, recipe, out, command)
+        save_run(trainer, loaded, tokenizer, fmt, recipe, out, command, run.deepspeed_path)
     except Exception as e:
         error = run_error(e, out)
         if error is None:

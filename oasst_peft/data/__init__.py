@@ -14,6 +14,7 @@ datasets and the generic formats), ``conversation`` (the shape every conversatio
 ``mix`` (split and sample), ``prepare`` (a recipe's mix, tokenized), ``tokenize`` (masks, length policy, cache), ``stats`` (stats, preview).
 """
 
+from oasst_peft.data import oasst_export, sources  # noqa: F401  (register the built-in datasets)
 from oasst_peft.data.conversation import check_conversation
 from oasst_peft.data.mix import DatasetPart, Mix, load_dataset, load_mix
 from oasst_peft.data.prepare import prepare_data
