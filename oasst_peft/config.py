@@ -23,9 +23,9 @@ from pydantic import (
 )
 
 from oasst_peft.errors import OasstError, did_you_mean, shown
+from oasst_peft.shipped import DEEPSPEED_NAMES as SHIPPED_DEEPSPEED
 
 DTYPES = ("fp16", "bf16", "fp32")
-SHIPPED_DEEPSPEED = ("zero2", "zero3", "zero2-offload", "zero3-offload")
 
 
 class PeftSection(BaseModel):

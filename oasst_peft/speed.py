@@ -1,4 +1,4 @@
-"""Run fast: packing or length-grouped batches, kernels and gradient checkpointing, resolved per run.
+"""Batching, decided per run: packing or length-grouped batches, and the length-grouped sampler.
 
 Chat data wastes compute on padding when a short conversation is batched with a long one. Two cures:
 
