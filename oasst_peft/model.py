@@ -216,7 +216,7 @@ def load_model(
     weight = model.get_input_embeddings().weight
     base_rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitioned at load: ds_shape is whole
     rows = resize_embeddings(model, tokenizer, recipe.pad_vocab_multiple)
-    if settings.zero3 and quant is None:
+    if settings.zero3 and quant is None and settings.arguments_before_load:
         _partition_new_parameters(model)
     model.generation_config.eos_token_id = fmt.eot_id
     model.generation_config.pad_token_id = fmt.pad_id

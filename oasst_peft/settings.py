@@ -25,6 +25,7 @@ CHECKPOINTING_MIN_PARAMS = 6.5e9
 class RunSettings:
     """What this run does, decided once (see the module docstring)."""
 
+    mode: str  # full | lora | qlora
     dtype: str  # compute dtype: fp32 | bf16 | fp16
     weights_dtype: str  # the dtype the base weights load in
     attention: str | None  # attn_implementation for from_pretrained (None: transformers' default)
@@ -41,6 +42,16 @@ class RunSettings:
     @property
     def zero3(self) -> bool:
         return self.deepspeed.zero3
+
+    @property
+    def arguments_before_load(self) -> bool:
+        """Build the TrainingArguments (process group, rank device, ZeRO-3 config) before the weights load.
+
+        Always, except LoRA/QLoRA under ZeRO-3 without CUDA (the 2-CPU-rank tests): peft 0.21 initialises
+        trainable token rows of a ZeRO-3 model on CUDA only (``trainable_tokens/layer.py``), so there the
+        weights load whole and DeepSpeed partitions them when the Trainer prepares the model.
+        """
+        return not (self.zero3 and self.mode != "full" and not self.cuda)
 
     def device_map(self, mode: str) -> dict | None:
         """Where this rank's weights load (see ``placement``)."""
@@ -184,6 +195,7 @@ def resolve(recipe: Recipe, say=print, dry_run: bool = False) -> tuple[Recipe, R
     if load_dtype != dtype:
         tell(f"full training without DeepSpeed: fp32 master weights, {dtype} autocast")
     settings = RunSettings(
+        mode=recipe.mode,
         dtype=dtype,
         weights_dtype=load_dtype,
         attention=attention,

@@ -253,9 +253,13 @@ def train(
     has_eval = bool(tokenized.validation)
     # Before any weight loads: building the arguments sets this rank's device and process group and, for
     # ZeRO-3, puts the DeepSpeed config in force so that from_pretrained partitions at load (zero.Init).
-    args = training_arguments(recipe, run, out, max_steps, has_eval, batching, **extra_args)
+    args = None
+    if run.arguments_before_load:
+        args = training_arguments(recipe, run, out, max_steps, has_eval, batching, **extra_args)
     set_seed(recipe.seed % (2**32))  # new embedding rows and LoRA init: identical on every rank and run
     loaded = load_model(recipe, tokenizer, fmt, run, say=say)
+    if args is None:  # see RunSettings.arguments_before_load
+        args = training_arguments(recipe, run, out, max_steps, has_eval, batching, **extra_args)
     if recipe.log_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(recipe.log_dir))
     trainer = make_trainer(
