@@ -191,6 +191,9 @@ class LoadedModel:
     base_vocab_rows: int
     vocab_rows: int
     trainable_token_ids: list[int]
+    base_signature: dict | None = (
+        None  # the base embedding's norms (merge_tools.signature), for the run record
+    )
 
 
 def load_model(
@@ -215,6 +218,9 @@ def load_model(
     )
     weight = model.get_input_embeddings().weight
     base_rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitioned at load: ds_shape is whole
+    from oasst_peft.adapter_file import base_signature, save_lean
+
+    signature = base_signature(model)
     rows = resize_embeddings(model, tokenizer, recipe.pad_vocab_multiple)
     if settings.zero3 and quant is None and settings.arguments_before_load:
         _partition_new_parameters(model)
@@ -232,4 +238,5 @@ def load_model(
                 model, use_gradient_checkpointing=recipe.gradient_checkpointing
             )
         model = wrap_lora(model, recipe, token_ids)
-    return LoadedModel(model, source, dtype, base_rows, rows, token_ids)
+        save_lean(model, base_rows, rows)  # the adapter holds LoRA + trained token rows, not the embedding
+    return LoadedModel(model, source, dtype, base_rows, rows, token_ids, signature)

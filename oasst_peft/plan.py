@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from oasst_peft.config import Recipe
 from oasst_peft.errors import OasstError
-from oasst_peft.memory import GIB, Setup, max_micro_batch, memory_terms
+from oasst_peft.memory import GIB, Setup, _targets, lora_params, max_micro_batch, memory_terms
 from oasst_peft.model_info import ModelShape, load_model_config, model_shape
 from oasst_peft.settings import resolve_gradient_checkpointing
 from oasst_peft.shipped import DeepSpeedSettings, read_deepspeed
@@ -93,12 +93,23 @@ def plan_recipe(recipe: Recipe, gpus: int = 1, gpu_mem_gib: float = 24.0) -> dic
     shape = model_shape(config, name=recipe.model_name, trust_remote_code=remote)
     on, _ = resolve_gradient_checkpointing(recipe.gradient_checkpointing, shape.params)
     setup = replace(recipe_setup(recipe), gpus=gpus, gradient_checkpointing=on)
+    from oasst_peft.adapter_file import planned_bytes
+
+    targets = _targets(shape, setup.lora_targets)
+    adapter = planned_bytes(
+        lora_params(targets, setup.lora_r),
+        sum(t.count for t in targets),
+        setup.new_tokens,
+        shape.hidden,
+        shape.tied,
+    )
     return {
         "model": {"name": recipe.model_name, "params": shape.params},
         "gpus": gpus,
         "gpu_mem_gib": float(gpu_mem_gib),
         "recipe": estimate(shape, setup, gpu_mem_gib),
         "estimates": [estimate(shape, s, gpu_mem_gib) for s in comparison_setups(setup)],
+        "adapter": None if setup.mode == "full" else {"bytes": adapter, "token_rows": setup.new_tokens},
     }
 
 
@@ -140,6 +151,15 @@ def format_plan(plan: dict, console=None):
         f"{plan['gpus']} GPU(s) of {plan['gpu_mem_gib']:g} GiB at micro-batch {rec['micro_batch']}; "
         f"the recipe runs {_label(rec)}."
     )
-    renderable = Group(head, table)
+    parts = [head, table]
+    if plan.get("adapter"):
+        a = plan["adapter"]
+        parts.append(
+            Text(
+                f"adapter on disk: {a['bytes'] / 2**20:.1f} MiB (the LoRA weights and about {a['token_rows']} trained "
+                "token rows; the embedding itself is not stored)"
+            )
+        )
+    renderable = Group(*parts)
     (console or Console()).print(renderable)
     return renderable

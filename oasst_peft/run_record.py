@@ -32,6 +32,7 @@ class RunRecord:
     base_vocab_rows: int | None = None
     vocab_rows: int | None = None
     trainable_token_ids: list[int] = field(default_factory=list)
+    base_signature: dict | None = None  # the base embedding's norms (merge_tools.signature), before resize
     command: list[str] = field(default_factory=list)
     bnb_4bit: dict | None = None  # qlora: quant_type, double_quant, compute_dtype, blocksize
     deepspeed_config: str | None = None  # the DeepSpeed JSON the run used, as a path

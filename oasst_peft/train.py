@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from oasst_peft import distributed, fingerprint, settings, speed
+from oasst_peft import curves, distributed, fingerprint, settings, speed, tracking
 from oasst_peft.checkpoints import (
     GracefulStop,
     LatestPointer,
@@ -142,6 +142,7 @@ def save_run(
             base_vocab_rows=loaded.base_vocab_rows,
             vocab_rows=loaded.vocab_rows,
             trainable_token_ids=loaded.trainable_token_ids,
+            base_signature=loaded.base_signature,
             command=command,
             deepspeed_config=deepspeed_config,
         )
@@ -222,6 +223,7 @@ def train(
         check_output_dir(out, resume, overwrite)
     recipe, run = settings.resolve(recipe, say=say, dry_run=dry_run)  # every per-run decision, said once
     dtype = run.dtype
+    tracking.prepare(recipe, out, say=say, dry_run=dry_run)  # report_to: installed, offline-first
     if dry_run:
         try:
             tokenizer, fmt = load_tokenizer(recipe)
@@ -278,6 +280,7 @@ def train(
     trainer.add_callback(LatestPointer())
     trainer.add_callback(fingerprint.FingerprintCallback(run_fp.to_dict()))
     trainer.add_callback(stopper)
+    trainer.add_callback(tracking.end_runs_callback())
     stopper.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume or None)
@@ -290,9 +293,13 @@ def train(
     finally:
         stopper.uninstall()
     if stopper.stopped:
+        png = curves.finish(trainer, out, say=say)
         distributed.finish()
         ckpt = latest_checkpoint(out)
-        say(f"stopped by {stopper.signal_name}: checkpoint saved in {ckpt}; continue with --resume")
+        say(
+            f"stopped by {stopper.signal_name}: checkpoint saved in {ckpt}; continue with --resume"
+            + curves.named(png)
+        )
         return TrainResult(out, recipe.mode, metrics=dict(result.metrics), interrupted=True)
     command = [Path(sys.argv[0]).name, *sys.argv[1:]]
     try:
@@ -303,9 +310,10 @@ def train(
             raise
         _close_progress_bars(trainer)
         raise error from None
+    png = curves.finish(trainer, out, say=say)
     distributed.finish()  # ranks wait for rank 0's writes, then close the process group
     kind = "adapter" if recipe.mode in ("lora", "qlora") else "model"
-    say(f"done: {kind} saved in {out}. Sample from it: oasst-peft sample {out}")
+    say(f"done: {kind} saved in {out}{curves.named(png)}. Sample from it: oasst-peft sample {out}")
     return TrainResult(out, recipe.mode, metrics=dict(result.metrics))
 
 

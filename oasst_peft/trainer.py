@@ -7,14 +7,13 @@ DeepSpeed config in force, so that ``from_pretrained`` partitions the weights as
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
-from oasst_peft import speed
+from oasst_peft import speed, tracking
 from oasst_peft.config import Recipe
 
 
@@ -35,7 +34,7 @@ def sft_config(
     """
     fp16 = dtype == "fp16"
     bf16 = dtype == "bf16"
-    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
+    report_to = tracking.report_to(recipe)
     batching = batching or speed.Batching(False, recipe.sort_by_length is not False, "no model to pack for")
     checkpointing = bool(recipe.gradient_checkpointing)
     return SFTConfig(
@@ -68,6 +67,7 @@ def sft_config(
         seed=recipe.seed % (2**32),
         data_seed=recipe.seed % (2**32),
         report_to=report_to,
+        include_num_input_tokens_seen="non_padding",  # real tokens, for training_curves.png
         deepspeed=ds_path,
         max_length=recipe.max_length,
         assistant_only_loss=False,  # the data carries assistant_masks already; TRL builds labels from them
