@@ -11,7 +11,7 @@ import pytest
 from oasst_peft import schedule
 from oasst_peft.config import recipe_from_dict
 from oasst_peft.errors import OasstError
-from oasst_peft.train import deepspeed_config_path
+from oasst_peft.shipped import deepspeed_config_path
 
 SHIPPED = ("zero2", "zero3", "zero2-offload", "zero3-offload")
 
@@ -34,7 +34,7 @@ def _json(tmp_path: Path, scheduler: dict | None) -> str:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_zero_configs_leave_the_schedule_to_lr_scheduler_type(name):
     recipe = _recipe(deepspeed_config=name)
-    path = deepspeed_config_path(recipe)
+    path = deepspeed_config_path(recipe.deepspeed_config, recipe.recipe_dir)
     assert schedule.deepspeed_scheduler(path) is None
     for kind in ("linear", "cosine", "constant_with_warmup"):
         schedule.check(_recipe(lr_scheduler_type=kind), path)
