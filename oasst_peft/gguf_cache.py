@@ -50,6 +50,12 @@ def cache_dir_for(path: str | Path) -> Path:
     return cache_root() / "gguf" / f"{file_sha256(Path(path))}-{FORMAT}"
 
 
+def cached_if_present(path: str | Path) -> Path | None:
+    """The finished cache folder of the GGUF file at ``path``, or None (nothing is dequantized here)."""
+    target = cache_dir_for(path) if Path(path).is_file() else None
+    return target if target is not None and (target / _DONE).is_file() else None
+
+
 def cached_model_dir(path: str | Path, say=None) -> Path:
     """The safetensors folder for the GGUF file at ``path``, dequantizing it first if it is not cached."""
     src = Path(path)

@@ -37,7 +37,7 @@ def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
     source = resolve_model_source(recipe.tokenizer_name or recipe.model_name, recipe.recipe_dir)
-    first, kwargs = source.pretrained_args
+    first, kwargs = source.metadata_args
     try:
         tok = AutoTokenizer.from_pretrained(first, trust_remote_code=recipe.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:

@@ -40,6 +40,20 @@ class ModelSource:
             return str(cached_model_dir(self.location, say=print)), {}
         return self.location, {}
 
+    @property
+    def metadata_args(self) -> tuple[str, dict]:
+        """Like ``pretrained_args`` for a config or tokenizer: a GGUF's header is read in place (no weights)
+        unless its safetensors cache already exists."""
+        if self.kind == "gguf":
+            from oasst_peft.gguf_cache import cached_if_present
+
+            cached = cached_if_present(self.location)
+            if cached is not None:
+                return str(cached), {}
+            p = Path(self.location)
+            return str(p.parent), {"gguf_file": p.name}
+        return self.location, {}
+
 
 def resolve_model_source(name: str, base_dir: Path | None = None) -> ModelSource:
     """Turn a recipe's ``model_name`` into a source: package resource, local path, or hub id."""
@@ -211,7 +225,7 @@ def load_model_config(model_name: str, base_dir: Path | None = None, trust_remot
                 f"model_name: no shipped config for '{model_name}' and HF_HUB_OFFLINE is set; point model_name "
                 "at a local model folder or .gguf file, or add recipes/base_models/<org>__<name>/config.json"
             )
-    first, kwargs = source.pretrained_args
+    first, kwargs = source.metadata_args  # a GGUF's config comes from its header: no dequantizing
     try:
         return AutoConfig.from_pretrained(first, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
