@@ -6,7 +6,8 @@ and a random rank-64 adapter on every linear layer, then merges it in separate p
   (a) peft: ``from_pretrained`` + ``PeftModel.from_pretrained`` + ``merge_and_unload`` + ``save_pretrained``
   (b) oasst-peft: ``python -m oasst_peft.cli merge ADAPTER --out DIR --no-verify`` (streaming, shard by shard)
 
-and a plain copy of the checkpoint's files, synced (the disk's limit). Each process's wall time, CPU
+and a plain copy of the checkpoint's files, synced (the disk's limit), right before and right after the
+oasst-peft run (their mean is the baseline: both on the same load). Each process's wall time, CPU
 time and peak RSS are measured (``os.wait4``); the base files are read once before each run so all
 start from a warm page cache. The two merged checkpoints are compared tensor by tensor. Targets:
 wall time <= 1.5x the copy's and peak RSS <= 0.2x peft's. Prints its figures (with the machine's
@@ -226,20 +227,21 @@ def main() -> int:
             f"{r / 1e6:.1f}M params fp32 (built in {time.perf_counter() - t:.0f} s)"
         )
 
-        warm(base)
-        os.sync()
-        t, c = time.perf_counter(), os.times()
-        copy = work / "copy"
-        shutil.copytree(base, copy)
-        os.sync()
-        copy_s = time.perf_counter() - t
-        c2 = os.times()
-        copy_cpu = c2.user - c.user + c2.system - c.system
-        shutil.rmtree(copy)
-        print(
-            f"plain copy of the checkpoint: {copy_s:.1f} s wall, {copy_cpu:.1f} s CPU "
-            f"({size / 1e9 / copy_s:.2f} GB/s, synced)"
-        )
+        def plain_copy() -> float:
+            warm(base)
+            os.sync()
+            t, c = time.perf_counter(), os.times()
+            copy = work / "copy"
+            shutil.copytree(base, copy)
+            os.sync()
+            seconds = time.perf_counter() - t
+            c2 = os.times()
+            shutil.rmtree(copy)
+            print(
+                f"plain copy of the checkpoint: {seconds:.1f} s wall, {c2.user - c.user + c2.system - c.system:.1f} s "
+                f"CPU ({size / 1e9 / seconds:.2f} GB/s, synced; load average {os.getloadavg()[0]:.1f})"
+            )
+            return seconds
 
         results = {}
         runs = {
@@ -263,7 +265,10 @@ def main() -> int:
                 "--no-verify",
             ],
         }
+        copies = []
         for name, cmd in runs.items():
+            if name == "oasst-peft":  # the disk's limit measured right before and after, on the same load
+                copies.append(plain_copy())
             warm(base)
             os.sync()  # the other run's dirty pages are not this one's to flush
             load = os.getloadavg()[0]
@@ -273,6 +278,8 @@ def main() -> int:
                 f"{name:>10}: wall {wall:6.1f} s   CPU {cpu:6.1f} s   peak RSS {rss / 2**30:5.2f} GiB   "
                 f"(load average {load:.1f} on {os.cpu_count()} cores)"
             )
+        copies.append(plain_copy())
+        copy_s = sum(copies) / len(copies)
         diff, count = compare(work / "out-peft", work / "out-oasst")
         print(f"merged checkpoints: {count} tensors, max |peft - oasst-peft| = {diff:.3g} (bf16 values)")
     finally:
