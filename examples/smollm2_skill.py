@@ -118,6 +118,10 @@ def dequantized_base(folder: Path, say=print) -> Path:
     tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kwargs)
+    # The GGUF loader has already dequantized every weight; only its bookkeeping still says "gguf".
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(src, **kwargs).save_pretrained(tmp)
     os.replace(tmp, folder)
@@ -158,6 +162,7 @@ def run_example(
     batch_size: int = 16,
     say=print,
     rows_to_train: tuple[str, ...] = ROWS,
+    base_rows: bool = True,
 ) -> dict:
     """Data, baseline, train each row, merge, evaluate; returns ``{"rows": {label: scores}, ...}`` (see module doc)."""
     from transformers import set_seed
@@ -168,11 +173,12 @@ def run_example(
     gen = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed}
     rows, replies, seconds, identical, metrics = {}, {}, {}, {}, {}
 
-    set_seed(seed)  # the oasst tokens' new embedding rows of the untrained base
-    rows["base, oasst prompt"], _ = evaluate(
-        "base-oasst", BASE, heldout, work, say, chat_template="oasst", **gen
-    )
-    rows["base, own template"], _ = evaluate("base-own", BASE, heldout, work, say, **gen)
+    if base_rows:
+        set_seed(seed)  # the oasst tokens' new embedding rows of the untrained base
+        rows["base, oasst prompt"], _ = evaluate(
+            "base-oasst", BASE, heldout, work, say, chat_template="oasst", **gen
+        )
+        rows["base, own template"], _ = evaluate("base-own", BASE, heldout, work, say, **gen)
     t = time.perf_counter()
     base = dequantized_base(work / "base", say=say)
     seconds["dequantize"] = time.perf_counter() - t
