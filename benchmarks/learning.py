@@ -12,7 +12,7 @@ Prints figures (with CPU time, since the machine is shared), then one summary li
 
     PYTHONPATH=. python benchmarks/learning.py [--work DIR] [--steps 150] [--quick]
 
-``--quick`` checks the trained rows' whole path on a reduced size (10 steps, 6 questions, no base rows):
+``--quick`` checks the trained rows' whole path on a reduced size (2 steps, 3 questions, no base rows):
 its figures are printed, its targets are not checked.
 """
 
@@ -72,11 +72,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--heldout-n", type=int, default=48)
     ap.add_argument("--rows", default="lora,qlora,full")
-    ap.add_argument("--quick", action="store_true", help="10 steps, 6 questions; targets not checked")
+    ap.add_argument("--quick", action="store_true", help="2 steps, 3 questions; targets not checked")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
-        args.steps, args.heldout_n = 10, 6
+        args.steps, args.heldout_n = 2, 3
 
     from smollm2_skill import print_table, run_example
 
