@@ -93,11 +93,19 @@ def evaluate(label, model, heldout, work: Path, say=print, **kwargs) -> tuple[di
     return score(report, heldout), [r["reply"] for r in report["replies"]["greedy"]]
 
 
-def merge_run(run: Path, out: Path, say=print) -> str:
-    """Fold the adapter into a plain HF checkpoint with ``merge_tools.merge``; returns which merger ran."""
+def merge_run(run: Path, out: Path, say=print, qlora: bool = False) -> str:
+    """Fold the adapter into a plain HF checkpoint with ``merge_tools.merge``; returns which merger ran.
+
+    ``oasst_peft.sample`` loads a QLoRA run's base in 4-bit only on CUDA; on CPU it samples the adapter on
+    the unquantized base, so the merge it is compared with keeps the exact base weights there too.
+    """
+    import torch
+
     from merge_tools import merge
 
-    merge(run, out, dtype="fp32", overwrite=True, say=say)  # the precision the adapter was sampled in
+    qlora_base = "exact" if qlora and not torch.cuda.is_available() else "dequantized-nf4"
+    # fp32: the precision the adapter was sampled in
+    merge(run, out, dtype="fp32", overwrite=True, say=say, qlora_base=qlora_base)
     return "merge_tools.merge"
 
 
@@ -192,7 +200,7 @@ def run_example(
         if row == "full":
             continue
         t = time.perf_counter()
-        merge_run(run, work / f"{row}-merged", say=say)
+        merge_run(run, work / f"{row}-merged", say=say, qlora=row == "qlora")
         seconds[f"{row} merge"] = time.perf_counter() - t
         rows[f"{row} (merged)"], merged = evaluate(
             f"{row}-merged", work / f"{row}-merged", heldout, work, say, **gen
