@@ -24,7 +24,9 @@ app = typer.Typer(
 data_app = typer.Typer(no_args_is_help=True, help="Inspect a recipe's data mix before training.")
 app.add_typer(data_app, name="data")
 
-RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+RecipeArg = Annotated[
+    Path, typer.Argument(help="recipe YAML file, or a shipped recipe's name", show_default=False)
+]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="override a recipe key by dotted path, e.g. --set peft.r=32")
 ]
@@ -36,8 +38,9 @@ def _say(line: str) -> None:
 
 def _recipe(path: Path, overrides: list[str] | None):
     from oasst_peft.config import load_recipe
+    from oasst_peft.shipped import find_recipe
 
-    return load_recipe(path, overrides or [])
+    return load_recipe(find_recipe(path), overrides or [])  # a path wins over a shipped recipe's name
 
 
 @app.command()
@@ -68,6 +71,9 @@ def train(
     force: Annotated[
         bool, typer.Option(help="resume even if the recipe, data or tokenizer changed since the checkpoint")
     ] = False,
+    shutdown_timeout: Annotated[
+        int, typer.Option(help="seconds the launcher gives workers to save after Ctrl-C (default 900)")
+    ] = 900,
 ) -> None:
     """Train as the recipe says.
 
@@ -78,7 +84,7 @@ def train(
     if nproc is not None or hostfile or nnodes > 1:
         from oasst_peft.launch import LaunchOptions, check_options, relaunch
 
-        opts = LaunchOptions(nproc, nnodes, node_rank, master_addr, master_port, hostfile)
+        opts = LaunchOptions(nproc, nnodes, node_rank, master_addr, master_port, hostfile, shutdown_timeout)
         if not dry_run:  # every check that needs no weights, before a worker starts
             from oasst_peft.train import preflight
 
@@ -140,6 +146,29 @@ def merge(
     _say(f"merged model: {report.out}. Load it with AutoModelForCausalLM.from_pretrained('{report.out}')")
 
 
+@app.command()
+def export(
+    src: Annotated[
+        Path, typer.Argument(help="a merged or full model dir, or a LoRA/QLoRA run (merged on the way)")
+    ],
+    gguf: Annotated[
+        Path, typer.Option("--gguf", help="the GGUF file to write (an Ollama Modelfile goes beside it)")
+    ],
+    type_: Annotated[str, typer.Option("--type", help="f32 | f16 | bf16 | q8_0")] = "f16",
+    modelfile: Annotated[
+        bool, typer.Option("--modelfile/--no-modelfile", help="write an Ollama Modelfile")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing GGUF / Modelfile")] = False,
+) -> None:
+    """Write a GGUF for llama.cpp / Ollama (llama family and Bloom), with the oasst chat format and stops.
+
+    Example: oasst-peft export runs/demo-smollm2 --gguf runs/demo-gguf/demo.gguf --type q8_0
+    """
+    from oasst_peft.export import export_gguf
+
+    export_gguf(src, gguf, qtype=type_, modelfile=modelfile, overwrite=overwrite, say=_say)
+
+
 @app.command("sample")
 def sample_cmd(
     model: Annotated[
@@ -190,6 +219,42 @@ def sample_cmd(
         _say(f"report: {write_report(report, out)}")
 
 
+@app.command("chat")
+def chat_cmd(
+    model: Annotated[
+        str, typer.Argument(help="a training run, a merged model dir, an adapter dir or a base")
+    ],
+    adapter: Annotated[
+        Path | None, typer.Option(help="LoRA adapter to apply on MODEL (when MODEL is a base)")
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="system message for the conversation")] = None,
+    config: Annotated[str, typer.Option("--config", help="greedy | typical | nucleus")] = "greedy",
+    max_new_tokens: Annotated[int, typer.Option(help="reply length limit in tokens")] = 256,
+    transcript: Annotated[
+        Path | None, typer.Option(help="keep the conversation here as JSON {'messages': [...]}")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: fp32 on CPU)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for the sampling configs")] = 0,
+) -> None:
+    """Talk to a model, turn by turn, with the saved chat template; /reset, /system TEXT, /exit.
+
+    From a pipe, each input line is one user turn and each reply is printed on its own.
+    Example: oasst-peft chat runs/demo-smollm2 --transcript chat.json
+    """
+    from oasst_peft.chat import chat
+
+    chat(
+        model,
+        adapter=adapter,
+        system=system,
+        config=config,
+        max_new_tokens=max_new_tokens,
+        transcript=transcript,
+        dtype=dtype,
+        seed=seed,
+    )
+
+
 @app.command("report")
 def report_cmd(
     run: Annotated[Path, typer.Argument(help="a training run's output dir", show_default=False)],
@@ -206,8 +271,8 @@ def report_cmd(
 
 
 def _tokenized(r):
+    from oasst_peft.data.prepare import prepare_data
     from oasst_peft.model import load_tokenizer
-    from oasst_peft.train import prepare_data
 
     tokenizer, _ = load_tokenizer(r)
     tokenized, _ = prepare_data(r, tokenizer, say=_say)
@@ -278,40 +343,55 @@ def plan(
         format_plan(result)
 
 
-@app.command()
-def recipes(
-    folder: Annotated[
-        Path | None, typer.Argument(help="recipe folder (default: the shipped recipes)")
-    ] = None,
-) -> None:
-    """List shipped recipes with model, mode and data mix.
+recipes_app = typer.Typer(help="The shipped recipes: list them, or copy one to edit.")
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes(ctx: typer.Context) -> None:
+    """List shipped recipes: name, model, mode and what each is for.
 
     Example: oasst-peft recipes
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.console import Console
     from rich.table import Table
 
     from oasst_peft.config import load_recipe
+    from oasst_peft.shipped import RECIPES_DIR, recipe_description, recipe_names
 
-    folder = folder or shipped_recipes_dir()
-    table = Table("recipe", "model", "mode", "datasets")
-    for path in sorted(folder.glob("*.yaml")):
+    table = Table("name", "model", "mode", "description")
+    for name in recipe_names():
+        path = RECIPES_DIR / f"{name}.yaml"
         r = load_recipe(path)
-        names = [d if isinstance(d, str) else next(iter(d)) for d in r.datasets]
-        table.add_row(path.name, r.model_name, r.mode, ", ".join(names))
-    Console().print(table)
+        table.add_row(name, r.model_name, r.mode, recipe_description(path))
+    Console(width=max(160, Console().width)).print(table)
 
 
-def shipped_recipes_dir() -> Path:
-    """The repository's recipes/ folder (beside the package)."""
-    here = Path(__file__).resolve().parent.parent / "recipes"
-    if here.is_dir():
-        return here
-    return Path.cwd() / "recipes"
+@recipes_app.command("copy")
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="a shipped recipe's name (see: oasst-peft recipes)")],
+    dest: Annotated[
+        Path | None, typer.Argument(help="file or folder to write (default: the current folder)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing file")] = False,
+) -> None:
+    """Write an editable copy of a shipped recipe that works where it is written.
+
+    Example: oasst-peft recipes copy demo-smollm2 my-demo.yaml
+    """
+    from oasst_peft.shipped import copy_recipe
+
+    path = copy_recipe(name, dest, overwrite=overwrite)
+    _say(f"wrote {path}; train it with: oasst-peft train {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line and exit 1."""
+    from oasst_peft import quiet
+
+    quiet.install()  # hide the known-harmless library warnings (the list and reasons are in quiet.py)
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("OASST_PEFT_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]

@@ -23,10 +23,10 @@ from pydantic import (
 )
 
 from oasst_peft.errors import OasstError, did_you_mean, shown
+from oasst_peft.shipped import DEEPSPEED_NAMES as SHIPPED_DEEPSPEED
 from oasst_peft.tracking import check_report_to
 
 DTYPES = ("fp16", "bf16", "fp32")
-SHIPPED_DEEPSPEED = ("zero2", "zero3", "zero2-offload", "zero3-offload")
 
 
 class PeftSection(BaseModel):
@@ -94,7 +94,9 @@ class Recipe(BaseModel):
     adam_beta2: float = Field(0.95, description="AdamW beta2 (OA used 0.95)")
     adam_epsilon: float = Field(1e-12, description="AdamW epsilon (OA used 1e-12)")
     max_grad_norm: float = Field(2.0, description="gradient clipping norm")
-    lr_scheduler_type: str = Field("linear", description="HF scheduler name (linear = OA's WarmupDecayLR)")
+    lr_scheduler_type: str = Field(
+        "linear", description="HF scheduler name, under DeepSpeed too (linear = OA's WarmupDecayLR)"
+    )
     warmup_steps: int = Field(600, description="linear warmup steps")
     num_train_epochs: float = Field(3, description="epochs over the training mix")
     max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: use epochs)")

@@ -1,4 +1,4 @@
-"""Run fast: packing or length-grouped batches, kernels and gradient checkpointing, resolved per run.
+"""Batching, decided per run: packing or length-grouped batches, and the length-grouped sampler.
 
 Chat data wastes compute on padding when a short conversation is batched with a long one. Two cures:
 
@@ -18,23 +18,21 @@ Chat data wastes compute on padding when a short conversation is batched with a 
 ``packing: auto`` packs with flash attention and groups by length otherwise; ``packing: true`` packs or
 stops with one line when the attention would let packed conversations see each other.
 
-Kernels: TRL's fused (chunked) LM-head loss is on by default (``fused_loss``); ``use_liger_kernel`` and
-``use_kernels`` (Hugging Face Hub kernels) are opt-in and checked here. Gradient checkpointing left unset
-(``gradient_checkpointing:`` absent) is on for 7B-class models and larger.
+The attention this is decided for, the kernel checks and the gradient-checkpointing default are the run's
+settings (``oasst_peft.settings``), decided once before anything loads.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
+from transformers import TrainerCallback
 
 from oasst_peft.errors import OasstError
 
-# "7B-class and larger": Llama-2-7B has 6.7B parameters, Pythia-6.9B 6.9B.
-CHECKPOINTING_MIN_PARAMS = 6.5e9
 # Attention implementations whose kernels take the packed sequences' boundaries from position_ids.
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 PROBE_TOLERANCE = 1e-4
@@ -207,6 +205,89 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return iter([i for batch in self.batches() for i in batch])
 
 
+class SeededRandomSampler(torch.utils.data.Sampler):
+    """Every example once per epoch in a random order that depends only on ``seed`` and the epoch.
+
+    The random-order path's sampler (packed rows, or ``sort_by_length: false``): like ``LengthGroupedSampler``
+    it is the project's own, so ``SamplerEpoch`` can set its epoch where accelerate's wrappers do not.
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size = int(size)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+PROJECT_SAMPLERS = (LengthGroupedSampler, SeededRandomSampler)
+
+
+def train_sampler(args, dataset):
+    """The project's sampler for the Trainer's training set, or None (an unsized dataset: the Trainer decides).
+
+    Length-grouped batches cut by the global batch (per device x processes), or a seeded random order.
+    """
+    if dataset is None or not hasattr(dataset, "__len__"):
+        return None
+    if args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "with_format"):
+        size = args.train_batch_size * args.world_size  # the global batch
+        return LengthGroupedSampler(example_lengths(dataset), size, seed=args.seed)
+    if args.train_sampling_strategy in ("random", "group_by_length"):
+        return SeededRandomSampler(len(dataset), seed=args.seed)
+    return None
+
+
+def project_samplers(loader) -> list:
+    """The project's samplers inside ``loader``, however deeply accelerate and the Trainer wrapped them.
+
+    On resume the chain is SkipBatchSampler -> BatchSamplerShard -> BatchSampler -> sampler; neither
+    accelerate's ``set_epoch`` nor the Trainer's reaches that deep with more than one process.
+    """
+    found, seen, stack = [], set(), [loader]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, PROJECT_SAMPLERS):
+            found.append(obj)
+            continue
+        for name in ("batch_sampler", "sampler", "base_dataloader", "dataloader", "_loader"):
+            try:
+                stack.append(getattr(obj, name, None))
+            except Exception:  # a property that cannot answer for this loader
+                continue
+    return found
+
+
+def epoch_of(state) -> int:
+    """The epoch index a Trainer state is in (``state.epoch`` is fractional inside an epoch)."""
+    return int(math.floor((state.epoch or 0.0) + 1e-6))
+
+
+class SamplerEpoch(TrainerCallback):
+    """At each epoch's start, set the epoch on every project sampler of the training loader.
+
+    So a resumed run draws the resumed epoch's order on every rank (not epoch 0's, as it would with two
+    processes), and so does every later epoch.
+    """
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        epoch = epoch_of(state)
+        for sampler in project_samplers(train_dataloader):
+            sampler.set_epoch(epoch)
+        return control
+
+
 def example_lengths(dataset, column: str = "input_ids") -> list[int]:
     """Token counts of a ``datasets.Dataset`` column, read from Arrow without decoding the rows."""
     import pyarrow.compute as pc
@@ -214,74 +295,17 @@ def example_lengths(dataset, column: str = "input_ids") -> list[int]:
     return pc.list_value_length(dataset.with_format("arrow")[column]).to_pylist()
 
 
-def resolve_gradient_checkpointing(value: bool | None, params: int | None) -> tuple[bool, str | None]:
-    """(on/off, the line to print when it was decided here): unset means on for 7B-class models and larger."""
-    if value is not None:
-        return value, None
-    if params is None:
-        return False, "gradient_checkpointing: off (unset, and the model size is unknown here)"
-    on = params >= CHECKPOINTING_MIN_PARAMS
-    size = f"{params / 1e9:.1f}B parameters" if params >= 1e9 else f"{params / 1e6:.1f}M parameters"
-    if on:
-        return True, f"gradient_checkpointing: on (unset; {size}, 7B-class or larger)"
-    return False, f"gradient_checkpointing: off (unset; {size}, below 7B-class)"
+def planned_batching(recipe, settings, config=None) -> Batching:
+    """The batching a run of ``recipe`` uses with ``settings`` (``RunSettings``), decided before weights load.
 
-
-def kernel_problems(recipe) -> list[str]:
-    """One line per kernel option the recipe asks for that cannot run here."""
-    problems = []
-    if recipe.use_liger_kernel:
-        if importlib.util.find_spec("liger_kernel") is None:
-            problems.append(
-                "use_liger_kernel: liger-kernel is not installed (pip install liger-kernel); "
-                "or set use_liger_kernel: false"
-            )
-        elif not torch.cuda.is_available():
-            problems.append(
-                "use_liger_kernel: Liger's Triton kernels need a CUDA GPU; set use_liger_kernel: false"
-            )
-    if recipe.use_kernels and importlib.util.find_spec("kernels") is None:
-        problems.append(
-            "use_kernels: the kernels package is not installed (pip install kernels); or set use_kernels: false"
-        )
-    return problems
-
-
-def model_params(recipe) -> int | None:
-    """The base model's parameter count from its config alone (shipped seed configs work offline), or None."""
-    from oasst_peft.plan import load_model_config, params_from_config
-
-    try:
-        config = load_model_config(recipe.model_name, recipe.recipe_dir, recipe.trust_remote_code)
-        return params_from_config(config)
-    except OasstError:
-        return None
-
-
-def settle(recipe, say=print, dry_run: bool = False):
-    """The recipe with ``gradient_checkpointing`` decided (unset: by model size, said in one line), kernels checked.
-
-    A kernel option that cannot run here is an ``OasstError``; in a dry run it is said instead.
+    ``config`` is the base model's config (read with ``model_info.load_model_config`` when not given; a
+    model whose config cannot be read here is not packed).
     """
-    for problem in kernel_problems(recipe):
-        if not dry_run:
-            raise OasstError(problem)
-        say(f"kernels: unavailable here: {problem}")
-    if recipe.gradient_checkpointing is not None:
-        return recipe
-    on, line = resolve_gradient_checkpointing(None, model_params(recipe))
-    say(line)
-    return recipe.model_copy(update={"gradient_checkpointing": on})
+    from oasst_peft.model_info import default_attention, load_model_config
 
-
-def planned_batching(recipe) -> Batching:
-    """The batching a run of ``recipe`` would use here, without loading weights (for dry runs)."""
-    from oasst_peft.model import pick_attention
-    from oasst_peft.plan import load_model_config
-
-    try:
-        config = load_model_config(recipe.model_name, recipe.recipe_dir, recipe.trust_remote_code)
-    except OasstError:
-        config = None
-    attn = pick_attention(recipe, say=lambda _line: None) or "sdpa"
-    return choose_batching(recipe, attn, config)
+    if config is None:
+        try:
+            config = load_model_config(recipe.model_name, recipe.recipe_dir, recipe.trust_remote_code)
+        except OasstError:
+            return choose_batching(recipe, settings.attention or "sdpa", None)
+    return choose_batching(recipe, settings.attention or default_attention(config), config)
