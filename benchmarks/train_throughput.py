@@ -349,12 +349,12 @@ def run(which: str, recipe_path: Path, core: int | None) -> dict:
     elif which.startswith("expert"):
         from trl import SFTTrainer
 
-        dtype = effective_dtype(recipe, say=quiet)
-        recipe = speed.settle(recipe, say=quiet)
+        recipe, run = settings.resolve(recipe, say=quiet)
+        dtype = run.dtype
         tokenizer, fmt = load_tokenizer(recipe)
         tokenized, _ = train_mod.prepare_data(recipe, tokenizer, say=quiet)
         set_seed(recipe.seed % (2**32))
-        loaded = load_model(recipe, tokenizer, fmt, say=quiet)
+        loaded = load_model(recipe, tokenizer, fmt, run, say=quiet)
         attn = loaded.model.config._attn_implementation
         padding_free = which == "expert-padfree" or (
             attn in speed.VARLEN_ATTENTION and speed.keeps_packed_apart(loaded.model.config, attn)
