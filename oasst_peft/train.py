@@ -27,6 +27,7 @@ from oasst_peft.checkpoints import (
 from oasst_peft.config import Recipe
 from oasst_peft.data.stats import summary_lines
 from oasst_peft.errors import OasstError, Unavailable
+from oasst_peft.locks import holds_output_dir
 
 RUN_RECORD = "oasst_run.json"
 RECIPE_RECORD = "oasst_recipe.yaml"
@@ -338,6 +339,7 @@ def _print_plan(recipe: Recipe, out: Path, dtype: str, tokenized, unavailable: l
     return plan
 
 
+@holds_output_dir  # one run per output dir, for the run's lifetime
 def train(
     recipe: Recipe,
     *,
