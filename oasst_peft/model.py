@@ -14,13 +14,16 @@ from pathlib import Path
 
 import torch
 
+from oasst_peft.boundary import user_file
 from oasst_peft.config import Recipe
 from oasst_peft.errors import OasstError, Unavailable
-from oasst_peft.template import ChatFormat, resize_embeddings, setup_tokenizer
+from oasst_peft.template import ChatFormat, resize_embeddings, setup_tokenizer, tokenize_with_mask
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # Config fields that carry residual / hidden-state dropout, per architecture.
+MODEL_FIX = "point model_name at a complete Hugging Face model folder or .gguf file (download it again)"
+
 RESIDUAL_DROPOUT_FIELDS = {
     "gpt_neox": ("hidden_dropout",),
     "bloom": ("hidden_dropout",),
@@ -100,16 +103,22 @@ def load_tokenizer(recipe: Recipe):
 
     source = resolve_model_source(recipe.tokenizer_name or recipe.model_name, recipe.recipe_dir)
     first, kwargs = source.pretrained_args
-    try:
-        tok = AutoTokenizer.from_pretrained(first, trust_remote_code=recipe.trust_remote_code, **kwargs)
-    except (OSError, ValueError) as e:
-        if source.kind == "hub":
-            raise _hub_error("tokenizer", source.location, e) from None
-        raise OasstError(f"model_name: cannot load a tokenizer from {source.location}: {e}") from None
+    with user_file("model_name", f"the tokenizer of {source.location}", MODEL_FIX):
+        try:
+            tok = AutoTokenizer.from_pretrained(first, trust_remote_code=recipe.trust_remote_code, **kwargs)
+        except (OSError, ValueError) as e:
+            if source.kind == "hub":
+                raise _hub_error("tokenizer", source.location, e) from None
+            raise OasstError(f"model_name: cannot load a tokenizer from {source.location}: {e}") from None
     template = recipe.chat_template
     if template != "oasst":
         template = str(recipe.resolve_path(template))
-    fmt = setup_tokenizer(tok, eos_token=recipe.eos_token, chat_template=template)
+    with user_file("chat_template", template, "fix the Jinja template or use chat_template: oasst"):
+        fmt = setup_tokenizer(tok, eos_token=recipe.eos_token, chat_template=template)
+        if template != "oasst":  # a syntax error or raise_exception shows now, not mid-tokenization
+            tokenize_with_mask(
+                tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+            )
     return tok, fmt
 
 
@@ -119,12 +128,13 @@ def load_config(recipe: Recipe):
 
     source = resolve_model_source(recipe.model_name, recipe.recipe_dir)
     first, kwargs = source.pretrained_args
-    try:
-        return AutoConfig.from_pretrained(first, trust_remote_code=recipe.trust_remote_code, **kwargs)
-    except (OSError, ValueError) as e:
-        if source.kind == "hub":
-            raise _hub_error("model", source.location, e) from None
-        raise OasstError(f"model_name: cannot read the config of {source.location}: {e}") from None
+    with user_file("model_name", f"the config of {source.location}", MODEL_FIX):
+        try:
+            return AutoConfig.from_pretrained(first, trust_remote_code=recipe.trust_remote_code, **kwargs)
+        except (OSError, ValueError) as e:
+            if source.kind == "hub":
+                raise _hub_error("model", source.location, e) from None
+            raise OasstError(f"model_name: cannot read the config of {source.location}: {e}") from None
 
 
 def pick_attention(recipe: Recipe, say=print) -> str | None:
@@ -215,7 +225,8 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config):
         if source.kind == "gguf":
             raise OasstError("model_name: qlora needs safetensors weights, not a .gguf file; use mode: lora")
     try:
-        model = AutoModelForCausalLM.from_pretrained(first, **kwargs)
+        with user_file("model_name", f"the weights of {source.location}", MODEL_FIX, passes=OSError):
+            model = AutoModelForCausalLM.from_pretrained(first, **kwargs)
     except OSError as e:
         if source.kind == "hub":
             raise _hub_error("model", source.location, e) from None
@@ -263,7 +274,9 @@ def wrap_lora(model, recipe: Recipe, token_ids: list[int]):
         if p.train_new_tokens and token_ids
         else None,
     )
-    return get_peft_model(model, cfg)
+    fix = "set peft.target_modules to all-linear or to module names of this model"
+    with user_file("peft.target_modules", recipe.model_name, fix):
+        return get_peft_model(model, cfg)
 
 
 @dataclass

@@ -623,7 +623,8 @@ def load_model_config(model_name: str, base_dir: Path | None = None, trust_remot
     """
     from transformers import AutoConfig
 
-    from oasst_peft.model import resolve_model_source
+    from oasst_peft.boundary import user_file
+    from oasst_peft.model import MODEL_FIX, resolve_model_source
 
     source = resolve_model_source(model_name, base_dir)
     if source.kind == "hub":
@@ -636,11 +637,12 @@ def load_model_config(model_name: str, base_dir: Path | None = None, trust_remot
                 "at a local model folder or .gguf file, or add recipes/base_models/<org>__<name>/config.json"
             )
     first, kwargs = source.pretrained_args
-    try:
-        return AutoConfig.from_pretrained(first, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise OasstError(f"model_name: cannot read the config of '{model_name}': {why}") from None
+    with user_file("model_name", f"the config of {model_name}", MODEL_FIX):
+        try:
+            return AutoConfig.from_pretrained(first, trust_remote_code=trust_remote_code, **kwargs)
+        except (OSError, ValueError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise OasstError(f"model_name: cannot read the config of '{model_name}': {why}") from None
 
 
 def _attr(obj, name: str, default):

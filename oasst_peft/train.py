@@ -26,6 +26,7 @@ from oasst_peft.checkpoints import (
 )
 from oasst_peft.config import Recipe
 from oasst_peft.data.stats import summary_lines
+from oasst_peft.ds_check import check_deepspeed_json
 from oasst_peft.errors import OasstError, Unavailable
 from oasst_peft.locks import holds_output_dir
 
@@ -58,7 +59,7 @@ def deepspeed_config_path(recipe: Recipe) -> str | None:
         raise OasstError(
             f"deepspeed_config: file not found: {path} (or use zero2, zero3, zero2-offload, zero3-offload)"
         )
-    return str(path)
+    return check_deepspeed_json(path, recipe)
 
 
 def check_output_dir(out: Path, resume, overwrite: bool) -> None:
@@ -357,7 +358,7 @@ def train(
     """
     from transformers import set_seed
 
-    from oasst_peft.model import effective_dtype, load_model, load_tokenizer
+    from oasst_peft.model import effective_dtype, load_config, load_model, load_tokenizer
 
     say = distributed.rank_zero(say)  # under a launcher, rank 0 speaks for all
     out = Path(output_dir or recipe.output_dir)
@@ -372,6 +373,8 @@ def train(
         except Unavailable as e:
             say(f"tokenizer: unavailable here: {e}")
             tokenizer = None
+        else:
+            load_config(recipe)  # a broken config.json fails the dry run as it would fail the run
         tokenized, unavailable = (None, [])
         if tokenizer is not None:
             tokenized, unavailable = prepare_data(recipe, tokenizer, say=say, tolerate_unavailable=True)
