@@ -17,6 +17,7 @@ import torch
 from oasst_peft.boundary import user_file
 from oasst_peft.config import Recipe
 from oasst_peft.errors import OasstError, Unavailable
+from oasst_peft.model_files import check_folder
 from oasst_peft.template import ChatFormat, resize_embeddings, setup_tokenizer, tokenize_with_mask
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -82,6 +83,7 @@ def resolve_model_source(name: str, base_dir: Path | None = None) -> ModelSource
             raise OasstError(
                 f"model_name: {candidate} has no config.json; point at a Hugging Face model folder"
             )
+        check_folder(candidate)  # its JSON files and safetensors headers, before transformers reads them
         return ModelSource("dir", str(candidate.resolve()))
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise OasstError(f"model_name: local path not found: {name}")

@@ -33,6 +33,14 @@ TEMPLATE = (
 )
 WRONG_SHAPES = ["[]", "{}", '"text"', "42", "null", '[{"a": 1}]', '{"x": {"y": []}}']
 WRONG_VALUES = [None, "zzz-nonsense", -1, [], {"k": [1]}, 1e300, True]
+# Values that are valid for a key although of another type (so no case is generated for them).
+LEGIT = {
+    "tokenizer_class": [None],  # transformers picks the class from tokenizer.json
+    "model_max_length": [None, 1e300],  # "no limit" is written as a huge number
+    "target_modules": [None],  # peft's default modules for the architecture
+}
+# Optional files: an object with none of the known keys is a valid file.
+OPTIONAL_JSON = {"tokenizer_config.json"}
 
 
 @dataclass
@@ -85,7 +93,9 @@ def _text_cut(data: bytes, off: int) -> int:
     return off
 
 
-def corruptions(valid: bytes, textual: bool, json_obj=None) -> list[tuple[str, Callable[[Path], None]]]:
+def corruptions(
+    valid: bytes, textual: bool, json_obj=None, optional: bool = False
+) -> list[tuple[str, Callable[[Path], None]]]:
     """(id, apply(path)) for every corruption of a file whose valid content is ``valid``."""
     rng = random.Random(f"{SEED}-{len(valid)}")
     n = len(valid)
@@ -105,6 +115,8 @@ def corruptions(valid: bytes, textual: bool, json_obj=None) -> list[tuple[str, C
     out.append(("unreadable", lambda p: p.chmod(0)))
     if json_obj is not None:
         for i, shape in enumerate(WRONG_SHAPES):
+            if optional and shape.startswith("{"):
+                continue
             out.append((f"wrong-shape-{i}", lambda p, s=shape: p.write_text(s)))
     return out
 
@@ -114,7 +126,7 @@ def wrong_types(obj: dict, keys: list[str]) -> list[tuple[str, Callable[[Path], 
     out = []
     for key in keys:
         for value in WRONG_VALUES:
-            if key in obj and type(value) is type(obj[key]):
+            if key in obj and type(value) is type(obj[key]) or value in LEGIT.get(key, [object()]):
                 continue
 
             def apply(p: Path, key=key, value=value) -> None:
@@ -213,7 +225,11 @@ def _targets(shared: dict) -> list[tuple[str, Callable[[Ws], Path], Callable[[Ws
     )
     config = json.loads((base / "config.json").read_text())
     for name, cmds, keys in (
-        ("config.json", ["dry", "plan", "train"], ["model_type", "vocab_size", "hidden_size", "num_hidden_layers"]),
+        (
+            "config.json",
+            ["dry", "plan", "train"],
+            ["model_type", "vocab_size", "hidden_size", "num_hidden_layers"],
+        ),
         ("tokenizer.json", ["dry", "preview"], ["model", "added_tokens"]),
         ("tokenizer_config.json", ["dry", "preview"], ["tokenizer_class", "model_max_length"]),
         ("model.safetensors", ["train", "merge-base"], []),
@@ -229,7 +245,13 @@ def _targets(shared: dict) -> list[tuple[str, Callable[[Ws], Path], Callable[[Ws
                 "train": lambda ws, p: _train(ws.recipe(model_name=str(ws.base()))),
                 "preview": lambda ws, p: ["data", "preview", ws.recipe(model_name=str(ws.base()))],
                 "merge-base": lambda ws, p: [
-                    "merge", shared["adapter_run"], "--base", ws.base(), "--out", ws.out, "--no-verify"
+                    "merge",
+                    shared["adapter_run"],
+                    "--base",
+                    ws.base(),
+                    "--out",
+                    ws.out,
+                    "--no-verify",
                 ],
             }[kind]
 
@@ -252,7 +274,14 @@ def _targets(shared: dict) -> list[tuple[str, Callable[[Ws], Path], Callable[[Ws
                 run_file,
                 [
                     lambda ws, p: ["merge", ws.adapter_run(), "--out", ws.out, "--no-verify"],
-                    lambda ws, p: ["sample", ws.adapter_run(), "--max-new-tokens", "2", "--out", ws.tmp / "r.json"],
+                    lambda ws, p: [
+                        "sample",
+                        ws.adapter_run(),
+                        "--max-new-tokens",
+                        "2",
+                        "--out",
+                        ws.tmp / "r.json",
+                    ],
                 ],
                 extra,
             )
@@ -377,7 +406,8 @@ def file_cases(shared: dict) -> list[Case]:
             if sample_ws_bytes is None:
                 sample_ws_bytes = _valid_bytes(shared, make)
             valid, textual, obj = sample_ws_bytes
-            for name, corrupt in corruptions(valid, textual, obj) + extra:
+            optional = tname in OPTIONAL_JSON
+            for name, corrupt in corruptions(valid, textual, obj, optional) + extra:
                 cases.append(_file_case(target, name, corrupt, i, cmd))
     return cases
 
@@ -400,7 +430,8 @@ def _valid_bytes(shared: dict, make) -> tuple[bytes, bool, object]:
 NONSENSE = "zzz-nonsense?"
 OUT_OF_RANGE = [-1, 10**12, float("nan"), float("-inf")]
 # Keys whose every string is valid (a path or a name that is only looked up where it is used).
-FREE_TEXT = {"output_dir", "log_dir", "cache_dir"}
+FREE_TEXT = {"output_dir", "log_dir", "cache_dir", "eos_token"}  # (a new eos_token is added to the vocab)
+LEGIT_KEY_VALUES = {"max_steps": [-1]}  # -1: train by epochs
 
 
 def recipe_key_cases() -> list[Case]:
@@ -408,7 +439,7 @@ def recipe_key_cases() -> list[Case]:
     keys = [(k,) for k in RECIPE_KEYS if k not in ("peft",)] + [("peft", k) for k in PEFT_KEYS]
     for path in keys:
         values: list[tuple[str, object]] = [("wrong-type", {"nested": [1, 2]})]
-        values += [(f"range{v}", v) for v in OUT_OF_RANGE]
+        values += [(f"range{v}", v) for v in OUT_OF_RANGE if v not in LEGIT_KEY_VALUES.get(path[-1], [])]
         if path[-1] not in FREE_TEXT:
             values.append(("nonsense", NONSENSE))
         for vid, value in values:
