@@ -358,13 +358,15 @@ def train(
     """
     from transformers import set_seed
 
-    from oasst_peft.model import effective_dtype, load_config, load_model, load_tokenizer
+    from oasst_peft.lora_targets import check_target_modules
+    from oasst_peft.model import effective_dtype, load_model, load_tokenizer
 
     say = distributed.rank_zero(say)  # under a launcher, rank 0 speaks for all
     out = Path(output_dir or recipe.output_dir)
     ds_path = deepspeed_config_path(recipe)
     if not dry_run:
         check_output_dir(out, resume, overwrite)
+    check_target_modules(recipe)  # the base's config and the LoRA targets, before data or weights
     dtype = effective_dtype(recipe, say=say)
     recipe = speed.settle(recipe, say=say, dry_run=dry_run)  # gradient checkpointing by model size; kernels
     if dry_run:
@@ -373,8 +375,6 @@ def train(
         except Unavailable as e:
             say(f"tokenizer: unavailable here: {e}")
             tokenizer = None
-        else:
-            load_config(recipe)  # a broken config.json fails the dry run as it would fail the run
         tokenized, unavailable = (None, [])
         if tokenizer is not None:
             tokenized, unavailable = prepare_data(recipe, tokenizer, say=say, tolerate_unavailable=True)
