@@ -5,7 +5,7 @@
 #   make demo TORCH="torch --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,demo,flash
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,demo
+EXTRAS ?= dev,demo,wandb,mlflow
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 

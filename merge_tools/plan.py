@@ -21,6 +21,7 @@ from merge_tools.io import CHUNK_BYTES, element_size, numel
 from merge_tools.lora import merge_embedding, merge_linear, nf4_roundtrip, set_rows
 from merge_tools.names import NameResolver
 from merge_tools.qlora import NF4Settings
+from merge_tools.signature import first_mismatch
 
 
 @dataclass
@@ -179,6 +180,7 @@ def build_plan(
             f"vocab mismatch: {base_label} has {plan.base_rows} embedding rows but training started from "
             f"{rec_base}; {hint}"
         )
+    _check_signature(store, vocab_jobs, record, base_label, hint)
     if not vocab_jobs and want_rows is not None and rec_base is not None and want_rows > rec_base:
         raise MergeError(
             f"the vocab grew from {rec_base} to {want_rows} rows in training but the adapter stores neither the "
@@ -231,6 +233,21 @@ def build_plan(
                     "neither them (trainable_token_indices) nor the resized layer; it cannot be merged exactly"
                 )
     return plan
+
+
+def _check_signature(
+    store: TensorStore, vocab_jobs: list[TensorJob], record, base_label: str, hint: str
+) -> None:
+    """The base's input embedding must be the one training started from (the run record's signature)."""
+    saved = (record or {}).get("base_signature")
+    inputs = [j for j in vocab_jobs if not _is_output_name(j.name)]
+    if not saved or not inputs:
+        return
+    row = first_mismatch(saved, lambda a, b: store.read_rows(inputs[0].name, a, b))
+    if row is not None:
+        raise MergeError(
+            f"{inputs[0].name} of {base_label} differs from the base the adapter was trained on (row {row}); {hint}"
+        )
 
 
 def _is_output_name(name: str) -> bool:

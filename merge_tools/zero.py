@@ -169,7 +169,7 @@ def consolidate_zero_checkpoint(
 
 
 def extract_adapter(checkpoint_dir: str | Path, folder: str | Path) -> Path:
-    """A peft adapter folder rebuilt from a LoRA/QLoRA ZeRO checkpoint (adapter weights + the resized embeddings)."""
+    """A peft adapter folder rebuilt from a LoRA/QLoRA ZeRO checkpoint: the LoRA weights and trained token rows."""
     from merge_tools.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     from merge_tools.io import SafetensorsWriter
 
@@ -177,7 +177,7 @@ def extract_adapter(checkpoint_dir: str | Path, folder: str | Path) -> Path:
     state = zero_state_dict(checkpoint_dir)
     keep = {}
     for name, t in state.items():
-        if ".lora_" in name or "trainable_tokens_delta" in name or ".token_adapter.base_layer." in name:
+        if ".lora_" in name or "trainable_tokens_delta" in name:  # the new rows are all trained token rows
             keep[re.sub(r"\.default(?=\.|$)", "", name)] = (
                 t.contiguous() if not isinstance(t, torch.Tensor) else t
             )

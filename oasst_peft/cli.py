@@ -216,6 +216,21 @@ def sample_cmd(
         _say(f"report: {write_report(report, out)}")
 
 
+@app.command("report")
+def report_cmd(
+    run: Annotated[Path, typer.Argument(help="a training run's output dir", show_default=False)],
+    out: Annotated[Path | None, typer.Option("--out", help="write the PNG here instead of RUN")] = None,
+) -> None:
+    """Redraw RUN/training_curves.png from its trainer state; print best eval loss per dataset, tokens, time.
+
+    Example: oasst-peft report runs/demo-smollm2
+    """
+    from oasst_peft.curves import report
+
+    for line in report(run, out=out).lines:
+        _say(line)
+
+
 def _tokenized(r):
     from oasst_peft.model import load_tokenizer
     from oasst_peft.train import prepare_data

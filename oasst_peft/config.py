@@ -24,6 +24,7 @@ from pydantic import (
 
 from oasst_peft.bounds import PEFT_RANGES, QUANT_STORAGE, RANGES, SCHEDULERS, STEPS, check_range
 from oasst_peft.errors import OasstError, did_you_mean, shown
+from oasst_peft.tracking import check_report_to
 
 DTYPES = ("fp16", "bf16", "fp32")
 SHIPPED_DEEPSPEED = ("zero2", "zero3", "zero2-offload", "zero3-offload")
@@ -131,6 +132,11 @@ class Recipe(BaseModel):
     )
     output_dir: str = Field("saved_model", description="where the run writes (relative to the current dir)")
     log_dir: str | None = Field(None, description="tensorboard log dir (default: <output_dir>/logs)")
+    report_to: list[str] | str | None = Field(
+        None,
+        description="trackers: tensorboard, wandb, mlflow or none, e.g. [tensorboard, mlflow] (default: "
+        "tensorboard when installed); wandb runs offline and mlflow writes inside output_dir unless told otherwise",
+    )
     deepspeed_config: str | None = Field(
         None, description="zero2 | zero3 | zero2-offload | zero3-offload | JSON path"
     )
@@ -200,6 +206,11 @@ class Recipe(BaseModel):
         if v < 0:
             raise ValueError("must be >= 0")
         return v
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v):
+        return check_report_to(v)
 
     @field_validator("residual_dropout")
     @classmethod

@@ -26,6 +26,7 @@ BOOKKEEPING_KEYS = frozenset(
     {
         "output_dir",
         "log_dir",
+        "report_to",
         "cache_dir",
         "logging_steps",
         "eval_steps",

@@ -291,6 +291,9 @@ class LoadedModel:
     base_vocab_rows: int
     vocab_rows: int
     trainable_token_ids: list[int]
+    base_signature: dict | None = (
+        None  # the base embedding's norms (merge_tools.signature), for the run record
+    )
 
 
 def weights_dtype(mode: str, dtype: str, deepspeed: bool) -> str:
@@ -319,6 +322,9 @@ def load_model(
         say(f"full training without DeepSpeed: fp32 master weights, {dtype} autocast")
     model, source = _load_base(recipe, load_dtype, attn, quant, config)
     base_rows = model.get_input_embeddings().weight.shape[0]
+    from oasst_peft.adapter_file import base_signature, save_lean
+
+    signature = base_signature(model)
     rows = resize_embeddings(model, tokenizer, recipe.pad_vocab_multiple)
     model.generation_config.eos_token_id = fmt.eot_id
     model.generation_config.pad_token_id = fmt.pad_id
@@ -334,4 +340,5 @@ def load_model(
                 model, use_gradient_checkpointing=recipe.gradient_checkpointing
             )
         model = wrap_lora(model, recipe, token_ids)
-    return LoadedModel(model, source, dtype, base_rows, rows, token_ids)
+        save_lean(model, base_rows, rows)  # the adapter holds LoRA + trained token rows, not the embedding
+    return LoadedModel(model, source, dtype, base_rows, rows, token_ids, signature)

@@ -690,12 +690,23 @@ def plan_recipe(recipe, gpus: int = 1, gpu_mem_gib: float = 24.0) -> dict:
         from oasst_peft.speed import CHECKPOINTING_MIN_PARAMS  # unset: on for 7B-class models, as train does
 
         setup = replace(setup, gradient_checkpointing=shape.params >= CHECKPOINTING_MIN_PARAMS)
+    from oasst_peft.adapter_file import planned_bytes
+
+    targets = _targets(shape, setup.lora_targets)
+    adapter = planned_bytes(
+        lora_params(targets, setup.lora_r),
+        sum(t.count for t in targets),
+        setup.new_tokens,
+        shape.hidden,
+        shape.tied,
+    )
     return {
         "model": {"name": recipe.model_name, "params": shape.params},
         "gpus": gpus,
         "gpu_mem_gib": float(gpu_mem_gib),
         "recipe": estimate(shape, setup, gpu_mem_gib),
         "estimates": [estimate(shape, s, gpu_mem_gib) for s in comparison_setups(setup)],
+        "adapter": None if setup.mode == "full" else {"bytes": adapter, "token_rows": setup.new_tokens},
     }
 
 
@@ -737,7 +748,16 @@ def format_plan(plan: dict, console=None):
         f"{plan['gpus']} GPU(s) of {plan['gpu_mem_gib']:g} GiB at micro-batch {rec['micro_batch']}; "
         f"the recipe runs {_label(rec)}."
     )
-    renderable = Group(head, table)
+    parts = [head, table]
+    if plan.get("adapter"):
+        a = plan["adapter"]
+        parts.append(
+            Text(
+                f"adapter on disk: {a['bytes'] / 2**20:.1f} MiB (the LoRA weights and about {a['token_rows']} trained "
+                "token rows; the embedding itself is not stored)"
+            )
+        )
+    renderable = Group(*parts)
     (console or Console()).print(renderable)
     return renderable
 

@@ -22,6 +22,8 @@ PROMPTER, ASSISTANT, SYSTEM = "<|prompter|>", "<|assistant|>", "<|system|>"
 # Fixed order, so the added ids are the same on every run (the Open-Assistant trainer used a set).
 ROLE_TOKENS = (PROMPTER, ASSISTANT, SYSTEM)
 PAD_TOKEN = "<|padding|>"
+# Names the embedding rows added only to pad the vocab to a multiple (never produced by the tokenizer's text).
+FILLER_TOKEN = "<|oasst_unused_{}|>"
 PREFERRED_EOT = "<|endoftext|>"
 ROLES = ("system", "user", "assistant")
 
@@ -133,12 +135,38 @@ def padded_vocab_size(n_tokens: int, current_rows: int, multiple: int = 16) -> i
 
 
 def resize_embeddings(model, tokenizer, multiple: int = 16) -> int:
-    """Grow the embedding (and untied lm_head) to fit the tokenizer; never shrink. Returns the new row count."""
+    """Grow the embedding (and untied lm_head) to fit the tokenizer; never shrink. Returns the new row count.
+
+    When it grows, the tokenizer gets a placeholder token for each padding row (``fill_vocab``).
+    """
     rows = model.get_input_embeddings().weight.shape[0]
     target = padded_vocab_size(len(tokenizer), rows, multiple)
     if target != rows:
         model.resize_token_embeddings(target, mean_resizing=False)
+        fill_vocab(tokenizer, target)
     return target
+
+
+def fill_vocab(tokenizer, rows: int) -> int:
+    """Add placeholder special tokens until ``len(tokenizer) == rows``; returns how many were added.
+
+    Stock loaders (peft's ``AutoPeftModelForCausalLM``) resize the base to ``len(tokenizer)`` before
+    applying an adapter, so a tokenizer that names every row of the padded embedding loads exactly.
+    The placeholders match no text; decoding one prints its name (nothing with ``skip_special_tokens``).
+    """
+    vocab = tokenizer.get_vocab()
+    names: list[str] = []
+    i = 0
+    while len(tokenizer) + len(names) < rows:
+        name = FILLER_TOKEN.format(i)
+        i += 1
+        if name not in vocab:
+            names.append(name)
+    if names:
+        tokenizer.add_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in names], special_tokens=True
+        )
+    return len(names)
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

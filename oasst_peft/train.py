@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from oasst_peft import distributed, fingerprint, speed
+from oasst_peft import curves, distributed, fingerprint, speed, tracking
 from oasst_peft.checkpoints import (
     GracefulStop,
     LatestPointer,
@@ -157,13 +157,11 @@ def sft_config(
     ``batching`` is the run's packing / length-grouping decision (``speed.choose_batching``); without it,
     nothing is packed and batches are length-grouped unless ``sort_by_length: false``.
     """
-    import importlib.util
-
     from trl import SFTConfig
 
     fp16 = dtype == "fp16"
     bf16 = dtype == "bf16"
-    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
+    report_to = tracking.report_to(recipe)
     batching = batching or speed.Batching(False, recipe.sort_by_length is not False, "no model to pack for")
     checkpointing = bool(recipe.gradient_checkpointing)
     return SFTConfig(
@@ -196,6 +194,7 @@ def sft_config(
         seed=recipe.seed % (2**32),
         data_seed=recipe.seed % (2**32),
         report_to=report_to,
+        include_num_input_tokens_seen="non_padding",  # real tokens, for training_curves.png
         deepspeed=ds_path,
         max_length=recipe.max_length,
         assistant_only_loss=False,  # the data carries assistant_masks already; TRL builds labels from them
@@ -250,6 +249,7 @@ def save_run(trainer, loaded, tokenizer, fmt, recipe: Recipe, out: Path, command
             "base_vocab_rows": loaded.base_vocab_rows,
             "vocab_rows": loaded.vocab_rows,
             "trainable_token_ids": loaded.trainable_token_ids,
+            "base_signature": loaded.base_signature,
             "command": command,
         }
         if recipe.mode == "qlora":
@@ -369,6 +369,7 @@ def train(
     check_target_modules(recipe)  # the base's config and the LoRA targets, before data or weights
     dtype = effective_dtype(recipe, say=say)
     recipe = speed.settle(recipe, say=say, dry_run=dry_run)  # gradient checkpointing by model size; kernels
+    tracking.prepare(recipe, out, say=say, dry_run=dry_run)  # report_to: installed, offline-first
     if dry_run:
         try:
             tokenizer, fmt = load_tokenizer(recipe)
@@ -422,6 +423,7 @@ def train(
     trainer.add_callback(LatestPointer())
     trainer.add_callback(fingerprint.FingerprintCallback(run_fp.to_dict()))
     trainer.add_callback(stopper)
+    trainer.add_callback(tracking.end_runs_callback())
     stopper.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume or None)
@@ -434,9 +436,13 @@ def train(
     finally:
         stopper.uninstall()
     if stopper.stopped:
+        png = curves.finish(trainer, out, say=say)
         distributed.finish()
         ckpt = latest_checkpoint(out)
-        say(f"stopped by {stopper.signal_name}: checkpoint saved in {ckpt}; continue with --resume")
+        say(
+            f"stopped by {stopper.signal_name}: checkpoint saved in {ckpt}; continue with --resume"
+            + curves.named(png)
+        )
         return TrainResult(out, recipe.mode, metrics=dict(result.metrics), interrupted=True)
     command = [Path(sys.argv[0]).name, *sys.argv[1:]]
     try:
@@ -447,9 +453,10 @@ def train(
             raise
         _close_progress_bars(trainer)
         raise error from None
+    png = curves.finish(trainer, out, say=say)
     distributed.finish()  # ranks wait for rank 0's writes, then close the process group
     kind = "adapter" if recipe.mode in ("lora", "qlora") else "model"
-    say(f"done: {kind} saved in {out}. Sample from it: oasst-peft sample {out}")
+    say(f"done: {kind} saved in {out}{curves.named(png)}. Sample from it: oasst-peft sample {out}")
     return TrainResult(out, recipe.mode, metrics=dict(result.metrics))
 
 

@@ -257,6 +257,7 @@ def test_sigint_during_a_step_finishes_it_saves_and_resume_matches(world, refere
     assert rc == 130, p.stderr[-3000:]
     ckpt = out / "checkpoint-3"
     assert f"stopped by SIGINT: checkpoint saved in {ckpt}; continue with --resume" in p.stdout
+    assert f"; curves: {out / 'training_curves.png'}" in p.stdout and (out / "training_curves.png").is_file()
     assert "Traceback" not in p.stderr
     assert is_complete(ckpt) and (ckpt / "adapter_model.safetensors").is_file()
     assert (ckpt / "optimizer.pt").is_file() and (ckpt / "rng_state.pth").is_file()

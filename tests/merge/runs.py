@@ -2,7 +2,7 @@
 
 ``make_base`` saves a random tiny model and tokenizer; ``make_run`` loads it as the trainer does
 (oasst tokens, resized embedding, peft LoRA with ``trainable_token_indices`` for every new row),
-takes a few AdamW steps on two conversations with the assistant-only loss, and saves the adapter,
+takes a few AdamW steps on two conversations with the assistant-only loss, and saves the lean adapter,
 tokenizer, generation config, ``oasst_recipe.yaml`` and ``oasst_run.json``.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from oasst_peft.adapter_file import base_signature, save_lean
 from oasst_peft.model import lora_token_targets
 from oasst_peft.template import resize_embeddings, setup_tokenizer, tokenize_with_mask
 from tests.tiny import make_model, make_tokenizer
@@ -44,7 +45,7 @@ def make_base(
     return out
 
 
-def load_trainable(base: Path, mode: str = "lora", **lora):
+def load_trainable(base: Path, mode: str = "lora", lean: bool = True, **lora):
     """(peft model, tokenizer, chat format, base rows, rows, token ids) as ``oasst_peft.model.load_model`` builds them."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -82,7 +83,10 @@ def load_trainable(base: Path, mode: str = "lora", **lora):
         task_type="CAUSAL_LM",
         trainable_token_indices=lora_token_targets(model, ids),
     )
-    return get_peft_model(model, cfg), tok, fmt, base_rows, rows, ids
+    peft_model = get_peft_model(model, cfg)
+    if lean:
+        save_lean(peft_model, base_rows, rows)
+    return peft_model, tok, fmt, base_rows, rows, ids
 
 
 def train_steps(model, tok, steps: int = 4, lr: float = 2e-2) -> None:
@@ -102,10 +106,21 @@ def train_steps(model, tok, steps: int = 4, lr: float = 2e-2) -> None:
 
 
 def make_run(
-    root: Path, base: Path, name: str, mode: str = "lora", steps: int = 4, dtype: str = "fp32", **lora
+    root: Path,
+    base: Path,
+    name: str,
+    mode: str = "lora",
+    steps: int = 4,
+    dtype: str = "fp32",
+    lean: bool = True,
+    **lora,
 ) -> Path:
-    """A finished LoRA/QLoRA run folder in the trainer's layout."""
-    model, tok, fmt, base_rows, rows, ids = load_trainable(base, mode, **lora)
+    """A finished LoRA/QLoRA run folder in the trainer's layout.
+
+    ``lean=False`` saves as peft does by default (and this trainer did before lean adapters): the whole
+    resized embedding layers beside the LoRA weights.
+    """
+    model, tok, fmt, base_rows, rows, ids = load_trainable(base, mode, lean=lean, **lora)
     train_steps(model, tok, steps)
     out = root / name
     model.save_pretrained(out)
@@ -141,6 +156,7 @@ def make_run(
         "base_vocab_rows": base_rows,
         "vocab_rows": rows,
         "trainable_token_ids": ids,
+        "base_signature": _base_signature(base),
         "command": ["oasst-peft", "train", f"recipes/{name}.yaml", "--max-steps", str(steps)],
     }
     if mode == "qlora":
@@ -152,6 +168,12 @@ def make_run(
         }
     (out / "oasst_run.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     return out
+
+
+def _base_signature(base: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return base_signature(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
 
 
 def reference_logits(base: Path, run: Path, input_ids: list[int], qlora: bool = False) -> torch.Tensor:
