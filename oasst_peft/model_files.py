@@ -18,6 +18,7 @@ from oasst_peft.errors import OasstError, shown
 FIX = "restore the file from the model's source (download it again) or fix the value"
 _COUNT = "count"  # a whole number >= 1 (not a bool)
 _NUMBER = "number"  # a finite number or a huge 'no limit' value, not a bool
+_SCALE = "scale"  # a number > 0 and <= 1e6, not a bool, not null
 # file -> {key: kind or tuple of allowed types}; keys in REQUIRED must be present.
 SCHEMA: dict[str, dict[str, object]] = {
     "config.json": {
@@ -34,7 +35,7 @@ SCHEMA: dict[str, dict[str, object]] = {
     "adapter_config.json": {
         "peft_type": (str,),
         "r": _COUNT,
-        "lora_alpha": _NUMBER,
+        "lora_alpha": _SCALE,
         "target_modules": (str, list, type(None)),
     },
 }
@@ -48,6 +49,8 @@ REQUIRED = {
 def _ok(value, kind) -> bool:
     if kind == _COUNT:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    if kind == _SCALE:
+        return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1e6
     if kind == _NUMBER:
         return value is None or (
             isinstance(value, int | float)
@@ -63,6 +66,8 @@ def _wanted(kind) -> str:
         return "a whole number >= 1"
     if kind == _NUMBER:
         return "a number > 0"
+    if kind == _SCALE:
+        return "a number > 0 and <= 1e6"
     return " or ".join(
         "null"
         if t is type(None)
@@ -107,3 +112,31 @@ def check_folder(folder: str | Path, key: str = "model_name") -> None:
         if path.is_dir():
             raise OasstError(f"{key}: {path} is a folder, not a safetensors file; {FIX}")
         check_safetensors(path, key)
+    if (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file():
+        _check_adapter_targets(folder, key)
+
+
+def _check_adapter_targets(folder: Path, key: str) -> None:
+    """``target_modules`` of adapter_config.json matches the modules the adapter holds LoRA weights for."""
+    import re
+
+    from safetensors import safe_open
+
+    targets = read_json(folder / "adapter_config.json", key, FIX).get("target_modules")
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="np") as f:
+        keys = f.keys()  # (a safetensors handle is not iterable)
+        names = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in keys if ".lora_" in k}
+    if not names or targets is None:
+        return
+    try:
+        if isinstance(targets, str):
+            ok = any(re.fullmatch(targets, n) for n in names)
+        else:
+            ok = any(n == t or n.endswith("." + t) for t in targets for n in names)
+    except (re.error, TypeError):
+        ok = False
+    if not ok:
+        raise OasstError(
+            f"{key}: {folder / 'adapter_config.json'}: target_modules {shown(targets)!s:.60} matches none of "
+            f"the modules the adapter has weights for; {FIX}"
+        )

@@ -350,7 +350,7 @@ def tokenize_mix(
     entry = root / "tokenized" / cache_key(mix, tokenizer, max_length, excess_length)
     with contextlib.ExitStack() as held:
         try:  # one writer per entry: concurrent runs on the same mix wait, then reuse what the first stored
-            held.enter_context(exclusive(entry.with_name(entry.name + ".lock")))
+            held.enter_context(exclusive(root / "locks" / f"{entry.name}.lock"))
         except OSError as e:
             raise OasstError(
                 f"cache_dir: cannot write the tokenized cache under {entry.parent} ({e.strerror or e}); "
