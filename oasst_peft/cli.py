@@ -288,7 +288,7 @@ def plan(
     recipe: RecipeArg,
     set_: SetOpt = None,
     gpus: Annotated[int, typer.Option(min=1, help="GPUs the run would use")] = 1,
-    gpu_mem: Annotated[float, typer.Option(callback=_above_zero, help="memory per GPU in GiB [x>0]")] = 24.0,
+    gpu_mem: Annotated[float, typer.Option(callback=_above_zero, help="memory per GPU in GiB (> 0)")] = 24.0,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Parameter counts and per-GPU memory for the recipe's mode and for full/LoRA/QLoRA, ZeRO-2/3.
