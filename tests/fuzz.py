@@ -72,8 +72,20 @@ class Ws:
 
     def recipe(self, **over) -> Path:
         d = recipe_dict(self.shared["base"], self.shared["data"], self.run, self.tmp / "cache", **over)
-        d["datasets"] = d.pop("datasets")  # last: a truncated recipe always loses its data mix
+        # The data mix last, and in it the format name last: a truncated recipe always loses its data
+        # mix or cuts a name (a cut number such as "0.0" -> "0." would still be valid).
+        mix = d.pop("datasets")
+        d["datasets"] = [_format_last(entry) for entry in mix] if isinstance(mix, list) else mix
         return write_recipe(self.tmp / "recipe.yaml", d)
+
+
+def _format_last(entry):
+    if not (isinstance(entry, dict) and len(entry) == 1):
+        return entry
+    ((name, opts),) = entry.items()
+    if not (isinstance(opts, dict) and "format" in opts):
+        return entry
+    return {name: {**{k: v for k, v in opts.items() if k != "format"}, "format": opts["format"]}}
 
 
 @dataclass(frozen=True)
