@@ -3,7 +3,9 @@
 The HF Trainer writes ``checkpoint-N/`` in place. A kill during that write leaves a partial folder, so
 the run keeps a ``latest`` file (replaced atomically after each complete save) and resume only ever
 picks a complete checkpoint. The first SIGINT/SIGTERM finishes the current step, saves a checkpoint and
-stops; a second one exits at once.
+stops; a second one exits at once. Under a launcher the stop flag is all-reduced at every step end, so
+a signal that reaches one worker (or reaches them in different steps) stops every rank after the same
+step, and they save that checkpoint together.
 """
 
 from __future__ import annotations
@@ -183,8 +185,21 @@ class GracefulStop(TrainerCallback):
     def stopped(self) -> bool:
         return self.signal_name is not None
 
+    def shared_flag(self, args) -> bool:
+        """True when any rank has been signalled: one all-reduce (max) over the process group, every step."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return self.stopped
+        flag = torch.tensor([1 if self.stopped else 0], dtype=torch.int32, device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stopped:
+        if self.shared_flag(args):
+            if self.signal_name is None:
+                self.signal_name = "a signal to another rank"
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -85,6 +85,9 @@ def train(
     force: Annotated[
         bool, typer.Option(help="resume even if the recipe, data or tokenizer changed since the checkpoint")
     ] = False,
+    shutdown_timeout: Annotated[
+        int, typer.Option(help="seconds the launcher gives workers to save after Ctrl-C (default 900)")
+    ] = 900,
 ) -> None:
     """Train as the recipe says.
 
@@ -95,7 +98,7 @@ def train(
     if nproc is not None or hostfile or nnodes > 1:
         from oasst_peft.launch import LaunchOptions, check_options, relaunch
 
-        opts = LaunchOptions(nproc, nnodes, node_rank, master_addr, master_port, hostfile)
+        opts = LaunchOptions(nproc, nnodes, node_rank, master_addr, master_port, hostfile, shutdown_timeout)
         if not dry_run:  # every check that needs no weights, before a worker starts
             from oasst_peft.train import preflight
 
@@ -160,6 +163,29 @@ def merge(
     _say(f"merged model: {report.out}. Load it with AutoModelForCausalLM.from_pretrained('{report.out}')")
 
 
+@app.command()
+def export(
+    src: Annotated[
+        Path, typer.Argument(help="a merged or full model dir, or a LoRA/QLoRA run (merged on the way)")
+    ],
+    gguf: Annotated[
+        Path, typer.Option("--gguf", help="the GGUF file to write (an Ollama Modelfile goes beside it)")
+    ],
+    type_: Annotated[str, typer.Option("--type", help="f32 | f16 | bf16 | q8_0")] = "f16",
+    modelfile: Annotated[
+        bool, typer.Option("--modelfile/--no-modelfile", help="write an Ollama Modelfile")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing GGUF / Modelfile")] = False,
+) -> None:
+    """Write a GGUF for llama.cpp / Ollama (llama family and Bloom), with the oasst chat format and stops.
+
+    Example: oasst-peft export runs/demo-smollm2 --gguf runs/demo-gguf/demo.gguf --type q8_0
+    """
+    from oasst_peft.export import export_gguf
+
+    export_gguf(src, gguf, qtype=type_, modelfile=modelfile, overwrite=overwrite, say=_say)
+
+
 @app.command("sample")
 def sample_cmd(
     model: Annotated[
@@ -214,6 +240,42 @@ def sample_cmd(
     format_report(report)
     if out is not None:
         _say(f"report: {write_report(report, out)}")
+
+
+@app.command("chat")
+def chat_cmd(
+    model: Annotated[
+        str, typer.Argument(help="a training run, a merged model dir, an adapter dir or a base")
+    ],
+    adapter: Annotated[
+        Path | None, typer.Option(help="LoRA adapter to apply on MODEL (when MODEL is a base)")
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="system message for the conversation")] = None,
+    config: Annotated[str, typer.Option("--config", help="greedy | typical | nucleus")] = "greedy",
+    max_new_tokens: Annotated[int, typer.Option(help="reply length limit in tokens")] = 256,
+    transcript: Annotated[
+        Path | None, typer.Option(help="keep the conversation here as JSON {'messages': [...]}")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: fp32 on CPU)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for the sampling configs")] = 0,
+) -> None:
+    """Talk to a model, turn by turn, with the saved chat template; /reset, /system TEXT, /exit.
+
+    From a pipe, each input line is one user turn and each reply is printed on its own.
+    Example: oasst-peft chat runs/demo-smollm2 --transcript chat.json
+    """
+    from oasst_peft.chat import chat
+
+    chat(
+        model,
+        adapter=adapter,
+        system=system,
+        config=config,
+        max_new_tokens=max_new_tokens,
+        transcript=transcript,
+        dtype=dtype,
+        seed=seed,
+    )
 
 
 @app.command("report")
@@ -338,6 +400,9 @@ def shipped_recipes_dir() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line and exit 1."""
+    from oasst_peft import quiet
+
+    quiet.install()  # hide the known-harmless library warnings (the list and reasons are in quiet.py)
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("OASST_PEFT_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]

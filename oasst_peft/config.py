@@ -107,7 +107,9 @@ class Recipe(BaseModel):
     adam_beta2: float = Field(0.95, description="AdamW beta2 (OA used 0.95)")
     adam_epsilon: float = Field(1e-12, description="AdamW epsilon (OA used 1e-12)")
     max_grad_norm: float = Field(2.0, description="gradient clipping norm")
-    lr_scheduler_type: str = Field("linear", description="HF scheduler name (linear = OA's WarmupDecayLR)")
+    lr_scheduler_type: str = Field(
+        "linear", description="HF scheduler name, under DeepSpeed too (linear = OA's WarmupDecayLR)"
+    )
     warmup_steps: int = Field(600, description="linear warmup steps")
     num_train_epochs: float = Field(3, description="epochs over the training mix")
     max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: use epochs)")

@@ -1,9 +1,11 @@
 """Run fingerprints: what a checkpoint was trained with, so ``--resume`` refuses to continue a different run.
 
-A fingerprint hashes three things: the recipe (every key that shapes training, not paths or logging),
-the tokenized training data (token ids and loss masks, in order) and the tokenizer (vocabulary, added
-tokens, chat template). It also records the number of processes, since a ZeRO checkpoint reloads only
-into as many ranks as wrote it. ``FingerprintCallback`` stores it in each checkpoint's
+A fingerprint hashes three things: the recipe (every key that shapes training, not paths, logging or
+options that only add output), the tokenized training data (token ids and loss masks, in order) and the
+tokenizer (vocabulary, added tokens, chat template). Beside them it records what the run decided on the
+host that changes the batches or the maths: the batching (packing, length-grouped or random), the
+attention implementation and the TRL version (``runtime``), and the number of processes with whether the
+optimizer state is ZeRO-partitioned: only such a checkpoint must resume on as many ranks as wrote it. ``FingerprintCallback`` stores it in each checkpoint's
 ``trainer_state.json`` (under ``stateful_callbacks``, written in the same file the Trainer writes last);
 ``check_resume`` compares it with the current run and raises one clear line unless ``force``.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -34,8 +36,12 @@ BOOKKEEPING_KEYS = frozenset(
         "save_strategy",
         "save_total_limit",
         "per_device_eval_batch_size",
+        "sample_on_eval",  # adds generations to the eval log; training is the same
+        "use_custom_sampler",  # accepted for OA recipes, changes nothing here
     }
 )
+# What the run decides on this host; compared only when both fingerprints carry the key.
+RUNTIME_KEYS = ("trl", "batching", "attention")
 DATA_COLUMNS = ("input_ids", "assistant_masks")
 
 
@@ -48,6 +54,8 @@ class Fingerprint:
     tokenizer: str
     world_size: int = 1
     recipe_values: dict = field(default_factory=dict, compare=False)
+    zero: bool = False
+    runtime: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +68,8 @@ class Fingerprint:
             tokenizer=str(d["tokenizer"]),
             world_size=int(d.get("world_size", 1)),
             recipe_values=dict(d.get("recipe_values") or {}),
+            zero=bool(d.get("zero", False)),
+            runtime=dict(d.get("runtime") or {}),
         )
 
 
@@ -119,15 +129,34 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _digest(body.encode("utf-8") + json.dumps(extra, sort_keys=True).encode("utf-8"))
 
 
-def compute(recipe, tokenizer, tokenized, max_steps: int | None = None, world_size: int = 1) -> Fingerprint:
-    """The fingerprint of a run about to train."""
+def trl_version() -> str:
+    import trl
+
+    return str(trl.__version__)
+
+
+def compute(
+    recipe, tokenizer, tokenized, max_steps: int | None = None, world_size: int = 1, zero: bool = False
+) -> Fingerprint:
+    """The fingerprint of a run about to train (``zero``: under DeepSpeed, optimizer states partitioned per rank).
+
+    Its ``runtime`` holds the TRL version; ``with_batching`` adds what is decided once the model is loaded.
+    """
     return Fingerprint(
         recipe=recipe_fingerprint(recipe, max_steps),
         data=data_fingerprint(tokenized),
         tokenizer=tokenizer_fingerprint(tokenizer),
         world_size=world_size,
         recipe_values=recipe_values(recipe, max_steps),
+        zero=zero,
+        runtime={"trl": trl_version()},
     )
+
+
+def with_batching(fp: Fingerprint, batching: str, attention: str | None) -> Fingerprint:
+    """``fp`` with the run's batching decision (``speed.Batching.name``) and attention implementation."""
+    runtime = {**fp.runtime, "batching": batching, "attention": attention or "default"}
+    return replace(fp, runtime=runtime)
 
 
 class FingerprintCallback(TrainerCallback, ExportableState):
@@ -183,20 +212,40 @@ def differences(saved: Fingerprint, current: Fingerprint) -> list[str]:
         out.append("the tokenized training data changed")
     if saved.tokenizer != current.tokenizer:
         out.append("the tokenizer changed")
-    if saved.world_size != current.world_size:
+    if saved.world_size != current.world_size and (saved.zero or current.zero):
         out.append(
             f"it was written by {saved.world_size} process(es), this run has {current.world_size} "
             "(a ZeRO checkpoint resumes on as many)"
         )
+    return out + runtime_differences(saved, current)
+
+
+def runtime_differences(saved: Fingerprint, current: Fingerprint) -> list[str]:
+    """The host decisions that differ (batching, attention, TRL version), for keys both fingerprints carry."""
+    names = {"trl": "the TRL version", "batching": "the batching", "attention": "the attention"}
+    out = []
+    for key in RUNTIME_KEYS:
+        old, new = saved.runtime.get(key), current.runtime.get(key)
+        if old is not None and new is not None and old != new:
+            out.append(f"{names[key]} changed ({old} -> {new})")
     return out
 
 
-def check_resume(checkpoint: str | Path, current: Fingerprint, force: bool = False, say=print) -> None:
-    """Refuse to resume ``checkpoint`` when its fingerprint differs from ``current`` (``force``: warn and go on)."""
+def check_resume(
+    checkpoint: str | Path, current: Fingerprint, force: bool = False, say=print, runtime_only: bool = False
+) -> None:
+    """Refuse to resume ``checkpoint`` when its fingerprint differs from ``current`` (``force``: warn and go on).
+
+    ``runtime_only``: compare only the host decisions (the second check, once the model is loaded).
+    """
     name = Path(checkpoint).name
     saved = read_fingerprint(checkpoint)
     if saved is None:
+        if runtime_only:
+            return
         problems = ["it holds no oasst-peft fingerprint (written by another tool or an older version)"]
+    elif runtime_only:
+        problems = runtime_differences(saved, current)
     else:
         problems = differences(saved, current)
     if not problems:
@@ -206,6 +255,6 @@ def check_resume(checkpoint: str | Path, current: Fingerprint, force: bool = Fal
         say(f"resume: {name}: {what}; resuming anyway (--force)")
         return
     raise OasstError(
-        f"--resume: {name} cannot continue this run: {what}. Resume with the recipe, data and tokenizer "
-        "it was trained with, or add --force to resume anyway"
+        f"--resume: {name} cannot continue this run: {what}. Resume with the recipe, data, tokenizer and "
+        "host setup it was trained with, or add --force to resume anyway"
     )

@@ -6,6 +6,12 @@ and ``--master-port``. With ``--hostfile`` it is the DeepSpeed launcher, which s
 in the hostfile over ssh. Either way the workers run ``python -m oasst_peft.cli train ...`` with the
 same arguments minus the launcher flags, so they never relaunch. Commands are argument lists, never
 shell strings; the exact list is printed before it runs (``--dry-run`` prints it and stops).
+
+Ctrl-C / SIGTERM: each launcher passes the signal to its workers and kills them after a shutdown timeout
+(30 s by default in both, too short to save a 7B checkpoint with optimizer state). The workers get
+``--shutdown-timeout`` seconds instead (``DEFAULT_SHUTDOWN_TIMEOUT`` unless set): torchrun through its own
+``--shutdown-timeout``, the DeepSpeed launcher through ``oasst_peft.ds_launch``, which runs DeepSpeed's
+per-node launcher with that timeout.
 """
 
 from __future__ import annotations
@@ -22,9 +28,20 @@ from pathlib import Path
 from oasst_peft.errors import OasstError
 
 CHILD_MODULE = "oasst_peft.cli"
+DS_RUNNER_MODULE = "oasst_peft.ds_launch"  # DeepSpeed's runner, with the shutdown timeout
 DEFAULT_MASTER_PORT = 29500
+# Seconds the launchers give workers to save after a signal before they SIGKILL them (theirs: 30).
+DEFAULT_SHUTDOWN_TIMEOUT = 900
 # Launcher flags of ``oasst-peft train``; all take a value. The workers get the command line without them.
-LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--hostfile")
+LAUNCH_FLAGS = (
+    "--nproc",
+    "--nnodes",
+    "--node-rank",
+    "--master-addr",
+    "--master-port",
+    "--hostfile",
+    "--shutdown-timeout",
+)
 # Set by torchrun and the DeepSpeed launcher in every worker.
 WORKER_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
 _HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
@@ -38,6 +55,7 @@ class LaunchOptions:
     ``nnodes`` / ``node_rank`` / ``master_addr`` / ``master_port``: the torchrun rendezvous for several
     nodes (run the same command on each node with its own ``node_rank``). ``hostfile``: an MPI-style
     file (``worker-0 slots=8`` per line) handed to the DeepSpeed launcher, which starts all nodes itself.
+    ``shutdown_timeout``: seconds a worker has to save a checkpoint after Ctrl-C before the launcher kills it.
     """
 
     nproc: int | None = None
@@ -46,6 +64,7 @@ class LaunchOptions:
     master_addr: str | None = None
     master_port: int | None = None
     hostfile: Path | None = None
+    shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT
 
 
 def read_hostfile(path: Path) -> dict[str, int]:
@@ -80,6 +99,11 @@ def check_options(opts: LaunchOptions) -> None:
     """One-line errors for launch options that cannot work together."""
     if opts.nproc is not None and opts.nproc < 1:
         raise OasstError(f"--nproc: must be >= 1 (got {opts.nproc})")
+    if opts.shutdown_timeout < 1:
+        raise OasstError(
+            f"--shutdown-timeout: must be >= 1 second (got {opts.shutdown_timeout}); "
+            "a checkpoint with optimizer state can take minutes to save"
+        )
     if opts.nnodes < 1:
         raise OasstError(f"--nnodes: must be >= 1 (got {opts.nnodes})")
     if opts.master_port is not None and not 0 < opts.master_port < 65536:
@@ -132,7 +156,8 @@ def launch_command(opts: LaunchOptions, argv: list[str]) -> list[str]:
         cmd = [
             sys.executable,
             "-m",
-            "deepspeed.launcher.runner",
+            DS_RUNNER_MODULE,
+            f"--shutdown-timeout={opts.shutdown_timeout}",
             "--hostfile",
             str(Path(opts.hostfile).resolve()),
         ]
@@ -160,6 +185,7 @@ def launch_command(opts: LaunchOptions, argv: list[str]) -> list[str]:
             "--master-port",
             str(opts.master_port or DEFAULT_MASTER_PORT),
         ]
+    cmd += ["--shutdown-timeout", str(opts.shutdown_timeout)]  # time to save after Ctrl-C
     return [*cmd, "--module", CHILD_MODULE, *child]
 
 

@@ -47,9 +47,10 @@ class ModelSource:
     @property
     def pretrained_args(self) -> tuple[str, dict]:
         """(first argument, extra kwargs) for ``from_pretrained``."""
-        if self.kind == "gguf":
-            p = Path(self.location)
-            return str(p.parent), {"gguf_file": p.name}
+        if self.kind == "gguf":  # read through the dequantized safetensors cache (oasst_peft.gguf_cache)
+            from oasst_peft.gguf_cache import cached_model_dir
+
+            return str(cached_model_dir(self.location, say=print)), {}
         return self.location, {}
 
 
@@ -140,22 +141,10 @@ def load_config(recipe: Recipe):
 
 
 def pick_attention(recipe: Recipe, say=print) -> str | None:
-    """flash_attention_2 when asked for and possible, else sdpa; prints one line when asked for."""
-    if not recipe.use_flash_attention:
-        return None
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    if has_flash and torch.cuda.is_available() and recipe.dtype in ("fp16", "bf16"):
-        say("attention: flash_attention_2 (flash-attn installed, CUDA GPU present)")
-        return "flash_attention_2"
-    why = (
-        "flash-attn is not installed (pip install -e '.[flash]')"
-        if not has_flash
-        else "no CUDA GPU"
-        if not torch.cuda.is_available()
-        else "flash attention needs fp16/bf16"
-    )
-    say(f"attention: sdpa, because {why}")
-    return "sdpa"
+    """flash_attention_2 when asked for and possible, else sdpa; prints one line when asked for (``attention``)."""
+    from oasst_peft import attention
+
+    return attention.pick(recipe, say=say)
 
 
 def apply_residual_dropout(config, p: float, say=print) -> None:
@@ -216,7 +205,7 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config):
         dtype=TORCH_DTYPES[dtype],
         trust_remote_code=recipe.trust_remote_code,
         config=config,
-        use_safetensors=None if source.kind == "gguf" else True,
+        use_safetensors=True,
     )
     if attn:
         kwargs["attn_implementation"] = attn
@@ -224,8 +213,6 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config):
         kwargs["use_kernels"] = True  # Hugging Face Hub kernels for the layers that have them
     if quant is not None:
         kwargs["quantization_config"] = quant
-        if source.kind == "gguf":
-            raise OasstError("model_name: qlora needs safetensors weights, not a .gguf file; use mode: lora")
     try:
         with user_file("model_name", f"the weights of {source.location}", MODEL_FIX, passes=OSError):
             model = AutoModelForCausalLM.from_pretrained(first, **kwargs)
@@ -238,12 +225,6 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config):
                 "refused: convert them to safetensors first"
             ) from None
         raise OasstError(f"model_name: cannot load {source.location}: {e}") from None
-    if source.kind == "gguf":
-        # A GGUF-loaded model cannot save_pretrained: rebuild it from its config and state dict.
-        rebuilt = AutoModelForCausalLM.from_config(model.config, dtype=TORCH_DTYPES[dtype])
-        rebuilt.load_state_dict(model.state_dict())
-        rebuilt.generation_config = model.generation_config
-        model = rebuilt
     return model, source
 
 

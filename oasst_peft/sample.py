@@ -256,11 +256,16 @@ def load_sampler(
     adapter: str | Path | None = None,
     dtype: str | None = None,
     chat_template: str | None = None,
+    merge: bool = True,
 ) -> Sampler:
     """Load what ``sample`` generates with (see the module docstring for what ``model`` may be).
 
     ``chat_template="oasst"`` installs the oasst format on a tokenizer that lacks it (a base model
     before training; its new token rows are untrained); the default uses the saved template.
+    ``merge`` folds a LoRA adapter (and its trained token rows) into the weights in memory, so each
+    generated token costs what it costs the merged model (peft's unmerged trainable-token layers
+    rebuild the whole embedding matrix on every forward pass); ``merge=False`` keeps the PeftModel.
+    A 4-bit QLoRA base is never merged (re-quantizing would change the weights).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -334,6 +339,8 @@ def load_sampler(
             raise OasstError(
                 f"--adapter: cannot apply {adapter_dir} to {base_source.location}: {detail}"
             ) from None
+        if merge and quant is None:
+            net = net.merge_and_unload()
     if template == "saved":
         eos_ids = _eos_ids(gen_dir, net, tokenizer)
     net.eval()
@@ -349,6 +356,7 @@ def load_sampler(
         "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
         "device": device,
         "chat_template": template,
+        "adapter_merged": adapter_dir is not None and merge and quant is None,
         "eot_tokens": tokenizer.convert_ids_to_tokens(eos_ids),
         "eot_token_ids": eos_ids,
         "qlora_base": "nf4"

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
+from transformers import TrainerCallback
 
 from oasst_peft.errors import OasstError
 
@@ -205,6 +207,89 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         return iter([i for batch in self.batches() for i in batch])
+
+
+class SeededRandomSampler(torch.utils.data.Sampler):
+    """Every example once per epoch in a random order that depends only on ``seed`` and the epoch.
+
+    The random-order path's sampler (packed rows, or ``sort_by_length: false``): like ``LengthGroupedSampler``
+    it is the project's own, so ``SamplerEpoch`` can set its epoch where accelerate's wrappers do not.
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size = int(size)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+PROJECT_SAMPLERS = (LengthGroupedSampler, SeededRandomSampler)
+
+
+def train_sampler(args, dataset):
+    """The project's sampler for the Trainer's training set, or None (an unsized dataset: the Trainer decides).
+
+    Length-grouped batches cut by the global batch (per device x processes), or a seeded random order.
+    """
+    if dataset is None or not hasattr(dataset, "__len__"):
+        return None
+    if args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "with_format"):
+        size = args.train_batch_size * args.world_size  # the global batch
+        return LengthGroupedSampler(example_lengths(dataset), size, seed=args.seed)
+    if args.train_sampling_strategy in ("random", "group_by_length"):
+        return SeededRandomSampler(len(dataset), seed=args.seed)
+    return None
+
+
+def project_samplers(loader) -> list:
+    """The project's samplers inside ``loader``, however deeply accelerate and the Trainer wrapped them.
+
+    On resume the chain is SkipBatchSampler -> BatchSamplerShard -> BatchSampler -> sampler; neither
+    accelerate's ``set_epoch`` nor the Trainer's reaches that deep with more than one process.
+    """
+    found, seen, stack = [], set(), [loader]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, PROJECT_SAMPLERS):
+            found.append(obj)
+            continue
+        for name in ("batch_sampler", "sampler", "base_dataloader", "dataloader", "_loader"):
+            try:
+                stack.append(getattr(obj, name, None))
+            except Exception:  # a property that cannot answer for this loader
+                continue
+    return found
+
+
+def epoch_of(state) -> int:
+    """The epoch index a Trainer state is in (``state.epoch`` is fractional inside an epoch)."""
+    return int(math.floor((state.epoch or 0.0) + 1e-6))
+
+
+class SamplerEpoch(TrainerCallback):
+    """At each epoch's start, set the epoch on every project sampler of the training loader.
+
+    So a resumed run draws the resumed epoch's order on every rank (not epoch 0's, as it would with two
+    processes), and so does every later epoch.
+    """
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        epoch = epoch_of(state)
+        for sampler in project_samplers(train_dataloader):
+            sampler.set_epoch(epoch)
+        return control
 
 
 def example_lengths(dataset, column: str = "input_ids") -> list[int]:

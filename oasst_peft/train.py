@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from oasst_peft import curves, distributed, fingerprint, speed, tracking
+from oasst_peft import batches, curves, distributed, fingerprint, schedule, speed, tracking
 from oasst_peft.checkpoints import (
     GracefulStop,
     LatestPointer,
@@ -127,7 +127,7 @@ def preflight(
     from oasst_peft.model import load_tokenizer
 
     out = Path(output_dir or recipe.output_dir)
-    deepspeed_config_path(recipe)
+    schedule.check(recipe, deepspeed_config_path(recipe))
     check_output_dir(out, resume, overwrite)
     checkpoint = resolve_resume(out, resume) if resume else None
     tokenizer, _ = load_tokenizer(recipe)
@@ -187,8 +187,8 @@ def sft_config(
         eval_steps=recipe.eval_steps or None,
         fp16=fp16,
         bf16=bf16,
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        activation_checkpointing=checkpointing,  # the transformers 5 name of gradient_checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         use_liger_kernel=recipe.use_liger_kernel,
         **batching.sft_kwargs(),
         seed=recipe.seed % (2**32),
@@ -282,10 +282,8 @@ def make_trainer(fused_loss: bool = True, **kwargs):
     class OasstSFTTrainer(SFTTrainer):
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
-            if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "with_format"):
-                return super()._get_train_sampler(train_dataset)
-            size = self.args.train_batch_size * self.args.world_size  # the global batch
-            return speed.LengthGroupedSampler(speed.example_lengths(dataset), size, seed=self.args.seed)
+            sampler = speed.train_sampler(self.args, dataset)  # project-owned: SamplerEpoch sets its epoch
+            return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
@@ -364,6 +362,7 @@ def train(
     say = distributed.rank_zero(say)  # under a launcher, rank 0 speaks for all
     out = Path(output_dir or recipe.output_dir)
     ds_path = deepspeed_config_path(recipe)
+    schedule.settle(recipe, ds_path, say=say)  # the schedule that runs, one line; a conflicting JSON refused
     if not dry_run:
         check_output_dir(out, resume, overwrite)
     check_target_modules(recipe)  # the base's config and the LoRA targets, before data or weights
@@ -393,7 +392,9 @@ def train(
         say(line)
     # Multi-process runs (issue 4): process group, same init on every rank, resume fingerprint.
     extra_args = distributed.setup(ds_path)
-    run_fp = fingerprint.compute(recipe, tokenizer, tokenized, max_steps, distributed.world_size())
+    run_fp = fingerprint.compute(
+        recipe, tokenizer, tokenized, max_steps, distributed.world_size(), zero=bool(ds_path)
+    )
     if resume:
         fingerprint.check_resume(resume, run_fp, force=force, say=say)
     set_seed(recipe.seed % (2**32))  # new embedding rows and LoRA init: identical on every rank and run
@@ -402,6 +403,9 @@ def train(
     model_config = loaded.model.config
     batching = speed.choose_batching(recipe, model_config._attn_implementation, model_config)
     say(batching.line())
+    run_fp = fingerprint.with_batching(run_fp, batching.name, model_config._attn_implementation)
+    if resume:  # what the loaded model decided: batching, attention
+        fingerprint.check_resume(resume, run_fp, force=force, say=say, runtime_only=True)
 
     has_eval = bool(tokenized.validation)
     args = sft_config(recipe, out, dtype, max_steps, has_eval, ds_path, batching=batching, **extra_args)
@@ -421,6 +425,8 @@ def train(
         trainer.add_callback(SampleOnEvalCallback(tokenizer, say=say))
     stopper = GracefulStop()
     trainer.add_callback(LatestPointer())
+    trainer.add_callback(speed.SamplerEpoch())
+    trainer.add_callback(batches.BatchReport(len(tokenized.train), batching.packing, say=say))
     trainer.add_callback(fingerprint.FingerprintCallback(run_fp.to_dict()))
     trainer.add_callback(stopper)
     trainer.add_callback(tracking.end_runs_callback())

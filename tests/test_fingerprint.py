@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from datasets import Dataset
@@ -18,6 +19,7 @@ from oasst_peft.fingerprint import (
     read_fingerprint,
     recipe_fingerprint,
     tokenizer_fingerprint,
+    with_batching,
 )
 from oasst_peft.template import setup_tokenizer
 from tests.tiny import make_tokenizer
@@ -95,8 +97,53 @@ def test_check_resume_accepts_the_same_run_and_names_what_changed(tmp_path):
     other_tok = make_tokenizer("bloom")
     with pytest.raises(OasstError, match="tokenizer changed"):
         check_resume(ckpt, compute(_recipe(), other_tok, _data(), world_size=2))
+    # Plain multi-process LoRA: nothing saved depends on the process count.
+    check_resume(ckpt, compute(_recipe(), tok, _data(), world_size=4))
+
+
+def test_world_size_is_checked_only_for_zero_partitioned_states(tmp_path):
+    tok = make_tokenizer("neox")
+    ckpt = _checkpoint(tmp_path, compute(_recipe(), tok, _data(), world_size=2, zero=True))
     with pytest.raises(OasstError, match="written by 2 process"):
-        check_resume(ckpt, compute(_recipe(), tok, _data(), world_size=4))
+        check_resume(ckpt, compute(_recipe(), tok, _data(), world_size=4, zero=True))
+    check_resume(ckpt, compute(_recipe(), tok, _data(), world_size=2, zero=True))
+
+
+def test_keys_that_do_not_change_training_never_refuse():
+    base = recipe_fingerprint(_recipe())
+    quiet = _recipe(
+        sample_on_eval=True, use_custom_sampler=True, logging_steps=1, log_dir="logs", eval_steps=7
+    )
+    assert recipe_fingerprint(quiet) == base
+
+
+def test_batching_attention_and_trl_version_refuse_a_resume(tmp_path):
+    tok = make_tokenizer("neox")
+    saved = with_batching(compute(_recipe(), tok, _data()), "packing", "flash_attention_2")
+    ckpt = _checkpoint(tmp_path, saved)
+    check_resume(ckpt, saved, runtime_only=True)
+    here = with_batching(compute(_recipe(), tok, _data()), "length-grouped", "sdpa")
+    with pytest.raises(OasstError) as e:
+        check_resume(ckpt, here, runtime_only=True)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "the batching changed (packing -> length-grouped)" in msg
+    assert "the attention changed (flash_attention_2 -> sdpa)" in msg
+    other_trl = replace(saved, runtime={**saved.runtime, "trl": "0.0.1"})
+    with pytest.raises(OasstError, match="the TRL version changed"):
+        check_resume(ckpt, other_trl)  # checked before weights load, too
+    # Before the model is loaded only the TRL version is known: the first check passes.
+    check_resume(ckpt, compute(_recipe(), tok, _data()))
+
+
+def test_a_fingerprint_from_before_the_runtime_keys_still_resumes(tmp_path):
+    tok = make_tokenizer("neox")
+    old = compute(_recipe(), tok, _data())
+    old = replace(old, runtime={})
+    ckpt = _checkpoint(tmp_path, old)
+    current = with_batching(compute(_recipe(), tok, _data()), "random", "sdpa")
+    check_resume(ckpt, current)
+    check_resume(ckpt, current, runtime_only=True)
 
 
 def test_force_resumes_anyway_and_says_so(tmp_path):
@@ -115,3 +162,27 @@ def test_checkpoint_without_fingerprint_is_refused_unless_forced(tmp_path):
     with pytest.raises(OasstError, match="holds no oasst-peft fingerprint"):
         check_resume(ckpt, current)
     check_resume(ckpt, current, force=True, say=lambda _: None)
+
+
+def test_a_packed_flash_attention_checkpoint_is_refused_on_a_host_without_flash(tmp_path):
+    """A run resumed where its attention and batching cannot be had is refused in one line, after load."""
+    from oasst_peft.config import load_recipe
+    from oasst_peft.train import train
+    from tests.tiny_run import recipe_dict, write_base, write_conversations, write_recipe
+
+    base = write_base(tmp_path / "base")
+    data = write_conversations(tmp_path / "convs.jsonl")
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(base, data, tmp_path / "run", tmp_path / "cache"))
+    recipe = load_recipe(path)
+    train(recipe, max_steps=4, say=lambda _: None)
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    saved = read_fingerprint(ckpt)
+    assert saved.runtime["batching"] == "length-grouped" and saved.runtime["attention"] == "sdpa"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    entry = state["stateful_callbacks"]["FingerprintCallback"]["args"]["fingerprint"]
+    entry["runtime"].update(batching="packing", attention="flash_attention_2")  # as a GPU host wrote it
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(OasstError) as e:
+        train(recipe, max_steps=4, resume=str(ckpt), output_dir=tmp_path / "again", say=lambda _: None)
+    assert "attention changed (flash_attention_2 -> sdpa)" in str(e.value)
+    assert "batching changed (packing -> length-grouped)" in str(e.value)

@@ -82,7 +82,7 @@ def test_hostfile_uses_the_deepspeed_launcher(tmp_path):
     hosts.write_text("# two nodes\nworker-0 slots=8\n\nworker-1 slots=8\n")
     opts = LaunchOptions(nproc=None, hostfile=hosts, master_addr="worker-0")
     cmd = launch_command(opts, ["train", "r.yaml", "--hostfile", str(hosts)])
-    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert cmd[:3] == [sys.executable, "-m", "oasst_peft.ds_launch"]  # DeepSpeed's runner, longer shutdown
     assert _after(cmd, "--hostfile") == str(hosts.resolve())
     assert "--num_gpus" not in cmd  # every slot of the hostfile
     assert _after(cmd, "--master_addr") == "worker-0"
@@ -200,7 +200,10 @@ def test_seed_recipes_dry_run_on_8_gpus_prints_the_launch_line(seed, monkeypatch
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 0, res.output
     line = next(x for x in res.output.splitlines() if x.startswith("launch: "))
-    assert "-m torch.distributed.run --nproc-per-node 8 --standalone --module oasst_peft.cli train" in line
+    assert (
+        "-m torch.distributed.run --nproc-per-node 8 --standalone --shutdown-timeout 900 --module oasst_peft.cli train"
+        in line
+    )
     assert line.endswith(f"oasst_peft.cli train {recipe}")
     assert "dry run" in res.output
 

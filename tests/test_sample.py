@@ -84,7 +84,7 @@ def lora_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def merged_dir(lora_run, tmp_path_factory) -> Path:
     """What ``oasst-peft merge`` writes, made here with peft so this file does not depend on merge_tools."""
-    s = load_sampler(lora_run)
+    s = load_sampler(lora_run, merge=False)
     out = tmp_path_factory.mktemp("merged") / "merged"
     model = s.model.merge_and_unload()
     model.save_pretrained(out)
@@ -212,7 +212,7 @@ def test_seed_makes_sampling_repeatable(lora_run):
 
 
 def test_sample_on_eval_callback_prints_and_logs_to_tensorboard(lora_run, tmp_path):
-    s = load_sampler(lora_run)
+    s = load_sampler(lora_run, merge=False)  # the PeftModel, as during training
     lines: list[str] = []
     cb = SampleOnEvalCallback(
         s.tokenizer, prompts=PROMPTS, max_new_tokens=48, say=lines.append, log_dir=tmp_path
@@ -234,7 +234,7 @@ def test_callback_runs_inside_a_trainer_evaluating_two_validation_sets(lora_run,
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    s = load_sampler(lora_run)
+    s = load_sampler(lora_run, merge=False)
     ids, mask = tokenize_with_mask(s.tokenizer, CONVERSATION)
     labels = [t if m else -100 for t, m in zip(ids, mask, strict=True)]
     data = Dataset.from_dict({"input_ids": [ids], "labels": [labels]})
