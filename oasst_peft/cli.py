@@ -86,7 +86,7 @@ def train(
         bool, typer.Option(help="resume even if the recipe, data or tokenizer changed since the checkpoint")
     ] = False,
     shutdown_timeout: Annotated[
-        int, typer.Option(help="seconds the launcher gives workers to save after Ctrl-C (default 900)")
+        int, typer.Option(min=1, help="seconds the launcher gives workers to save after Ctrl-C (default 900)")
     ] = 900,
 ) -> None:
     """Train as the recipe says.
@@ -171,7 +171,9 @@ def export(
     gguf: Annotated[
         Path, typer.Option("--gguf", help="the GGUF file to write (an Ollama Modelfile goes beside it)")
     ],
-    type_: Annotated[str, typer.Option("--type", help="f32 | f16 | bf16 | q8_0")] = "f16",
+    type_: Annotated[
+        Literal["f32", "f16", "bf16", "q8_0"], typer.Option("--type", help="tensor type")
+    ] = "f16",
     modelfile: Annotated[
         bool, typer.Option("--modelfile/--no-modelfile", help="write an Ollama Modelfile")
     ] = True,
@@ -251,13 +253,15 @@ def chat_cmd(
         Path | None, typer.Option(help="LoRA adapter to apply on MODEL (when MODEL is a base)")
     ] = None,
     system: Annotated[str | None, typer.Option(help="system message for the conversation")] = None,
-    config: Annotated[str, typer.Option("--config", help="greedy | typical | nucleus")] = "greedy",
-    max_new_tokens: Annotated[int, typer.Option(help="reply length limit in tokens")] = 256,
+    config: Annotated[
+        Literal["greedy", "typical", "nucleus"], typer.Option("--config", help="sampling")
+    ] = "greedy",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="reply length limit in tokens")] = 256,
     transcript: Annotated[
         Path | None, typer.Option(help="keep the conversation here as JSON {'messages': [...]}")
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: fp32 on CPU)")] = None,
-    seed: Annotated[int, typer.Option(help="seed for the sampling configs")] = 0,
+    dtype: Annotated[Dtype | None, typer.Option(help="default: fp32 on CPU")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="seed for the sampling configs")] = 0,
 ) -> None:
     """Talk to a model, turn by turn, with the saved chat template; /reset, /system TEXT, /exit.
 

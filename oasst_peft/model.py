@@ -50,7 +50,8 @@ class ModelSource:
         if self.kind == "gguf":  # read through the dequantized safetensors cache (oasst_peft.gguf_cache)
             from oasst_peft.gguf_cache import cached_model_dir
 
-            return str(cached_model_dir(self.location, say=print)), {}
+            with user_file("model_name", self.location, MODEL_FIX):  # a truncated or corrupt .gguf
+                return str(cached_model_dir(self.location, say=print)), {}
         return self.location, {}
 
 
