@@ -184,6 +184,9 @@ def export(
     Example: oasst-peft export runs/demo-smollm2 --gguf runs/demo-gguf/demo.gguf --type q8_0
     """
     from oasst_peft.export import export_gguf
+    from oasst_peft.model_files import check_folder
+
+    check_folder(src, key="export")  # its JSON files and safetensors headers, before reading weights
 
     export_gguf(src, gguf, qtype=type_, modelfile=modelfile, overwrite=overwrite, say=_say)
 

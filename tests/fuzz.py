@@ -239,12 +239,12 @@ def _targets(shared: dict) -> list[tuple[str, Callable[[Ws], Path], Callable[[Ws
     for name, cmds, keys in (
         (
             "config.json",
-            ["dry", "plan", "train"],
+            ["dry", "plan", "train", "export"],
             ["model_type", "vocab_size", "hidden_size", "num_hidden_layers"],
         ),
         ("tokenizer.json", ["dry", "preview"], ["model", "added_tokens"]),
         ("tokenizer_config.json", ["dry", "preview"], ["tokenizer_class", "model_max_length"]),
-        ("model.safetensors", ["train", "merge-base"], []),
+        ("model.safetensors", ["train", "merge-base", "export"], []),
     ):
 
         def base_file(ws: Ws, name=name) -> Path:
@@ -256,6 +256,7 @@ def _targets(shared: dict) -> list[tuple[str, Callable[[Ws], Path], Callable[[Ws
                 "plan": lambda ws, p: ["plan", ws.recipe(model_name=str(ws.base()))],
                 "train": lambda ws, p: _train(ws.recipe(model_name=str(ws.base()))),
                 "preview": lambda ws, p: ["data", "preview", ws.recipe(model_name=str(ws.base()))],
+                "export": lambda ws, p: ["export", ws.base(), "--gguf", ws.tmp / "m.gguf", "--type", "f32"],
                 "merge-base": lambda ws, p: [
                     "merge",
                     shared["adapter_run"],
