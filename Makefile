@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   install, train the SmolLM2 demo recipe on the CPU, then sample a reply from it
-#   make test   install, run the test suite
+#   make test   install, run the quick test suite (-m 'not slow'); make test-all runs everything
 # TORCH picks the torch build: the default is the CPU wheel; on a GPU machine use e.g.
 #   make demo TORCH="torch --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,demo,flash
 VENV ?= .venv
@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
+	$(PY) -m pytest -q -m 'not slow and not realmodel and not gpu'
+
+test-all: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 demo: $(VENV)/.installed
@@ -29,4 +32,4 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-.PHONY: install test demo lint
+.PHONY: install test test-all demo lint

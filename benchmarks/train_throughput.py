@@ -276,9 +276,9 @@ def run(which: str, recipe_path: Path, core: int | None) -> dict:
         torch.set_num_threads(1)
 
     import oasst_peft.train as train_mod
-    from oasst_peft import speed
+    from oasst_peft import settings, speed
     from oasst_peft.config import load_recipe
-    from oasst_peft.model import effective_dtype, load_model, load_tokenizer
+    from oasst_peft.model import load_model, load_tokenizer
 
     recipe = load_recipe(recipe_path)
     record: dict = {"run": which}
@@ -299,12 +299,12 @@ def run(which: str, recipe_path: Path, core: int | None) -> dict:
     else:
         from trl import SFTTrainer
 
-        dtype = effective_dtype(recipe, say=quiet)
-        recipe = speed.settle(recipe, say=quiet)
+        recipe, run = settings.resolve(recipe, say=quiet)
+        dtype = run.dtype
         tokenizer, fmt = load_tokenizer(recipe)
         tokenized, _ = train_mod.prepare_data(recipe, tokenizer, say=quiet)
         set_seed(recipe.seed % (2**32))  # as train() does: the same initial weights
-        loaded = load_model(recipe, tokenizer, fmt, say=quiet)
+        loaded = load_model(recipe, tokenizer, fmt, run, say=quiet)
         random_padded = speed.Batching(False, False, "plain TRL: random batches padded to their longest")
         args = train_mod.sft_config(
             recipe, Path(recipe.output_dir) / "baseline", dtype, None, False, None, batching=random_padded

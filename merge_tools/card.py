@@ -7,7 +7,6 @@ commands, the recipe), the data mix, and the ZeRO config when one was used.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ class CardInfo:
     merge_lines: list[str] = field(default_factory=list)
     prompt_example: str | None = None
     steps: int | None = None
+    deepspeed_config_path: str | None = None  # the DeepSpeed JSON the run used (from its run record)
 
 
 def _link(name: str | None, hub: bool) -> str:
@@ -59,16 +59,12 @@ def _languages(recipe: dict | None) -> list[str]:
     return list(dict.fromkeys(langs))
 
 
-def _zero_config(recipe: dict | None, recipe_dir: Path | None) -> str | None:
+def _zero_config(recipe: dict | None, recipe_dir: Path | None, recorded: str | None = None) -> str | None:
+    """The DeepSpeed JSON's text: the path the run record names, else the recipe's value as a path."""
     name = (recipe or {}).get("deepspeed_config")
     if not name:
         return None
-    candidates = []
-    spec = importlib.util.find_spec("oasst_peft")  # finds the package's folder without importing it
-    if spec and spec.submodule_search_locations:
-        candidates.append(
-            Path(next(iter(spec.submodule_search_locations))) / "deepspeed_configs" / f"{name}.json"
-        )
+    candidates = [Path(recorded)] if recorded else []
     p = Path(str(name)).expanduser()
     candidates += [p, (recipe_dir / p) if recipe_dir and not p.is_absolute() else p]
     for c in candidates:
@@ -175,7 +171,7 @@ def model_card(info: CardInfo, recipe_dir: Path | None = None) -> str:
             "```",
             "",
         ]
-    zero = _zero_config(r, recipe_dir)
+    zero = _zero_config(r, recipe_dir, info.deepspeed_config_path)
     if zero:
         out += ["zero config:", "```", zero, "```", ""]
     out += [

@@ -382,6 +382,7 @@ def _merge(
             merge_lines=[ln for ln in lines if not ln.startswith("wrote ")],
             prompt_example=_prompt_example(staged.path),
             steps=_train_steps(run),
+            deepspeed_config_path=(record or {}).get("deepspeed_config"),
         )
         write_text(staged.path / "README.md", model_card(card, recipe_dir=run.run_dir))
         write_json(staged.path / MERGE_RECORD, _record(report, argv))

@@ -7,14 +7,11 @@ and the run's records (``oasst_run.json``, ``oasst_recipe.yaml``, in the folder 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from merge_tools.errors import MergeError
-
-RUN_RECORD = "oasst_run.json"
-RECIPE_RECORD = "oasst_recipe.yaml"
+from oasst_peft.run_record import RECIPE_RECORD, RunRecord, RunRecordError
 
 
 @dataclass
@@ -42,12 +39,11 @@ def is_zero_checkpoint(path: Path) -> bool:
 
 def _read_records(folder: Path) -> tuple[dict | None, dict | None, str | None]:
     record = recipe = text = None
-    rp = folder / RUN_RECORD
-    if rp.is_file():
-        try:
-            record = json.loads(rp.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise MergeError(f"{rp}: unreadable run record ({e})") from None
+    try:
+        found = RunRecord.read(folder)
+    except RunRecordError as e:
+        raise MergeError(str(e)) from None
+    record = found.to_dict() if found is not None else None
     yp = folder / RECIPE_RECORD
     if yp.is_file():
         import yaml

@@ -24,7 +24,9 @@ app = typer.Typer(
 data_app = typer.Typer(no_args_is_help=True, help="Inspect a recipe's data mix before training.")
 app.add_typer(data_app, name="data")
 
-RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+RecipeArg = Annotated[
+    Path, typer.Argument(help="recipe YAML file, or a shipped recipe's name", show_default=False)
+]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="override a recipe key by dotted path, e.g. --set peft.r=32")
 ]
@@ -53,8 +55,9 @@ def _say(line: str) -> None:
 
 def _recipe(path: Path, overrides: list[str] | None):
     from oasst_peft.config import load_recipe
+    from oasst_peft.shipped import find_recipe
 
-    return load_recipe(path, overrides or [])
+    return load_recipe(find_recipe(path), overrides or [])  # a path wins over a shipped recipe's name
 
 
 @app.command()
@@ -301,8 +304,8 @@ def report_cmd(
 
 
 def _tokenized(r):
+    from oasst_peft.data.prepare import prepare_data
     from oasst_peft.model import load_tokenizer
-    from oasst_peft.train import prepare_data
 
     tokenizer, _ = load_tokenizer(r)
     tokenized, _ = prepare_data(r, tokenizer, say=_say)
@@ -373,36 +376,48 @@ def plan(
         format_plan(result)
 
 
-@app.command()
-def recipes(
-    folder: Annotated[
-        Path | None, typer.Argument(help="recipe folder (default: the shipped recipes)")
-    ] = None,
-) -> None:
-    """List shipped recipes with model, mode and data mix.
+recipes_app = typer.Typer(help="The shipped recipes: list them, or copy one to edit.")
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes(ctx: typer.Context) -> None:
+    """List shipped recipes: name, model, mode and what each is for.
 
     Example: oasst-peft recipes
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.console import Console
     from rich.table import Table
 
     from oasst_peft.config import load_recipe
+    from oasst_peft.shipped import RECIPES_DIR, recipe_description, recipe_names
 
-    folder = folder or shipped_recipes_dir()
-    table = Table("recipe", "model", "mode", "datasets")
-    for path in sorted(folder.glob("*.yaml")):
+    table = Table("name", "model", "mode", "description")
+    for name in recipe_names():
+        path = RECIPES_DIR / f"{name}.yaml"
         r = load_recipe(path)
-        names = [d if isinstance(d, str) else next(iter(d)) for d in r.datasets]
-        table.add_row(path.name, r.model_name, r.mode, ", ".join(names))
-    Console().print(table)
+        table.add_row(name, r.model_name, r.mode, recipe_description(path))
+    Console(width=max(160, Console().width)).print(table)
 
 
-def shipped_recipes_dir() -> Path:
-    """The repository's recipes/ folder (beside the package)."""
-    here = Path(__file__).resolve().parent.parent / "recipes"
-    if here.is_dir():
-        return here
-    return Path.cwd() / "recipes"
+@recipes_app.command("copy")
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="a shipped recipe's name (see: oasst-peft recipes)")],
+    dest: Annotated[
+        Path | None, typer.Argument(help="file or folder to write (default: the current folder)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing file")] = False,
+) -> None:
+    """Write an editable copy of a shipped recipe that works where it is written.
+
+    Example: oasst-peft recipes copy demo-smollm2 my-demo.yaml
+    """
+    from oasst_peft.shipped import copy_recipe
+
+    path = copy_recipe(name, dest, overwrite=overwrite)
+    _say(f"wrote {path}; train it with: oasst-peft train {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,10 +24,10 @@ from pydantic import (
 
 from oasst_peft.bounds import PEFT_RANGES, QUANT_STORAGE, RANGES, SCHEDULERS, STEPS, check_range
 from oasst_peft.errors import OasstError, did_you_mean, shown
+from oasst_peft.shipped import DEEPSPEED_NAMES as SHIPPED_DEEPSPEED
 from oasst_peft.tracking import check_report_to
 
 DTYPES = ("fp16", "bf16", "fp32")
-SHIPPED_DEEPSPEED = ("zero2", "zero3", "zero2-offload", "zero3-offload")
 
 
 class PeftSection(BaseModel):

@@ -50,3 +50,12 @@ def check_deepspeed_json(path: str | Path, recipe) -> str:
         if key in cfg and not isinstance(cfg[key], dict):
             raise bad(key, "must be an object")
     return str(path)
+
+
+def check_recipe_deepspeed(recipe) -> None:
+    """``check_deepspeed_json`` on the recipe's own DeepSpeed JSON (the shipped ones are known good)."""
+    from oasst_peft.shipped import DEEPSPEED_DIR, deepspeed_config_path
+
+    path = deepspeed_config_path(recipe.deepspeed_config, recipe.recipe_dir)
+    if path is not None and Path(path).parent != DEEPSPEED_DIR:
+        check_deepspeed_json(path, recipe)

@@ -31,10 +31,10 @@ def matches(targets: str | list[str], names: list[str]) -> bool:
 
 def check_target_modules(recipe) -> None:
     """One line when the recipe's LoRA targets match no module of its base (also checks the base's config)."""
-    from oasst_peft.model import load_config
+    from oasst_peft.model_info import load_model_config
 
     try:
-        config = load_config(recipe)
+        config = load_model_config(recipe.model_name, recipe.recipe_dir, recipe.trust_remote_code)
     except Unavailable:
         return  # a hub model while offline: the load reports it (a dry run notes it)
     targets = recipe.peft.target_modules if recipe.peft else None

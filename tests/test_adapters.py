@@ -205,13 +205,13 @@ def test_planned_adapter_size_matches_the_saved_file(runs, arch):
 def test_planned_7b_adapter_is_lora_plus_new_rows_only():
     from rich.console import Console
 
-    from oasst_peft import plan
+    from oasst_peft import model_info, plan
     from oasst_peft.config import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "stablelm7b-lora.yaml")
     assert recipe.peft.target_modules == "all-linear" and recipe.peft.r == 16
     result = plan.plan_recipe(recipe)
-    shape = plan.model_shape(plan.load_model_config(recipe.model_name))
+    shape = model_info.model_shape(model_info.load_model_config(recipe.model_name))
     lora = sum(16 * (lin.in_features + lin.out_features) * lin.count for lin in shape.linears) * 4
     rows = result["adapter"]["token_rows"] * shape.hidden * (1 if shape.tied else 2) * 4
     planned = result["adapter"]["bytes"]

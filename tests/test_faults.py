@@ -105,6 +105,8 @@ from oasst_peft.cli import main
 main(sys.argv[1:])
 '''
 
+pytestmark = pytest.mark.slow  # spawns processes
+
 
 class Proc:
     """A driver subprocess whose stdout and stderr are collected as they arrive."""

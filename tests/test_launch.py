@@ -208,6 +208,7 @@ def test_seed_recipes_dry_run_on_8_gpus_prints_the_launch_line(seed, monkeypatch
     assert "dry run" in res.output
 
 
+@pytest.mark.slow
 def test_cli_dry_run_multi_node_from_a_subprocess(tmp_path):
     """The real entry point, as a user types it; nothing is started."""
     recipe = ROOT / "recipes" / "stablelm7b.yaml"

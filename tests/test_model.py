@@ -7,14 +7,9 @@ import torch
 
 from oasst_peft.config import recipe_from_dict
 from oasst_peft.errors import OasstError
-from oasst_peft.model import (
-    apply_residual_dropout,
-    effective_dtype,
-    load_model,
-    load_tokenizer,
-    pick_attention,
-    resolve_model_source,
-)
+from oasst_peft.model import apply_residual_dropout, load_model, load_tokenizer
+from oasst_peft.model_info import resolve_model_source
+from oasst_peft.settings import effective_dtype, pick_attention
 from tests.tiny import demo_gguf, make_model, make_tokenizer
 
 
@@ -120,16 +115,20 @@ def test_trust_remote_code_off_unless_set():
 )
 def test_weights_dtype_for_half_precision_training(tmp_path, monkeypatch, mode, deepspeed, expected):
     import oasst_peft.model as m
+    from oasst_peft import settings
 
     tok = make_tokenizer("neox")
     make_model("gpt_neox", tok).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    monkeypatch.setattr(m, "effective_dtype", lambda *a, **k: "bf16")  # as on a GPU
+    monkeypatch.setattr(settings, "effective_dtype", lambda *a, **k: "bf16")  # as on a GPU
     extra = {} if mode == "full" else {"peft": {"mode": mode}}
+    if deepspeed:
+        extra["deepspeed_config"] = "zero2"
     r = recipe(str(tmp_path), dtype="bf16", **extra)
     tok2, fmt = load_tokenizer(r)
     lines = []
-    loaded = m.load_model(r, tok2, fmt, say=lines.append, deepspeed=deepspeed)
+    r, run = settings.resolve(r, say=lines.append)  # the fp32-master-weights line is decided here, once
+    loaded = m.load_model(r, tok2, fmt, run, say=lines.append)
     base = loaded.model.get_base_model() if mode == "lora" else loaded.model
     assert base.get_input_embeddings().weight.dtype == expected
     assert any("fp32 master weights" in line for line in lines) == (expected == torch.float32)

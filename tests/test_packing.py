@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import set_seed
 
-from oasst_peft import speed
+from oasst_peft import settings, speed
 from oasst_peft.config import load_recipe, recipe_from_dict
 from oasst_peft.errors import OasstError
 from oasst_peft.model import load_model, load_tokenizer
@@ -82,7 +82,7 @@ def tiny_recipe(tmp_path: Path, arch: str = "llama", **extra):
 
 def build_trainer(recipe, attn: str | None = None):
     """The trainer ``train()`` builds (same calls, same order), without training; ``attn`` overrides the attention."""
-    recipe = speed.settle(recipe, say=quiet)
+    recipe = settings.settle(recipe, say=quiet)
     tokenizer, fmt = load_tokenizer(recipe)
     tokenized, _ = prepare_data(recipe, tokenizer, say=quiet)
     set_seed(recipe.seed % (2**32))
@@ -286,14 +286,14 @@ def test_packed_lora_run_trains_and_says_how_it_batched(tmp_path):
 
 
 def test_gradient_checkpointing_unset_is_on_for_7b_class_models():
-    assert speed.resolve_gradient_checkpointing(None, 7_000_000_000)[0] is True
-    assert speed.resolve_gradient_checkpointing(None, 3_000_000_000)[0] is False
-    assert speed.resolve_gradient_checkpointing(False, 12_000_000_000) == (False, None)
-    assert speed.resolve_gradient_checkpointing(None, None)[0] is False
+    assert settings.resolve_gradient_checkpointing(None, 7_000_000_000)[0] is True
+    assert settings.resolve_gradient_checkpointing(None, 3_000_000_000)[0] is False
+    assert settings.resolve_gradient_checkpointing(False, 12_000_000_000) == (False, None)
+    assert settings.resolve_gradient_checkpointing(None, None)[0] is False
 
     def settled(model_name, **kw):
         lines: list[str] = []
-        r = speed.settle(
+        r = settings.settle(
             recipe_from_dict({"model_name": model_name, "datasets": ["alpaca"], **kw}), say=lines.append
         )
         return r.gradient_checkpointing, lines

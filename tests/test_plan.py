@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig, GPTNeoXConfig, LlamaConfig
 
-from oasst_peft import plan
+from oasst_peft import memory, model_info, plan, shipped
+from oasst_peft.config import recipe_from_dict
 from oasst_peft.errors import OasstError
 from tests.tiny import demo_gguf
 
@@ -64,7 +64,7 @@ def real_count(config) -> int:
 
 @pytest.fixture(scope="module")
 def pythia():
-    return plan.model_shape(plan.load_model_config("EleutherAI/pythia-12b-deduped"))
+    return model_info.model_shape(model_info.load_model_config("EleutherAI/pythia-12b-deduped"))
 
 
 def recipe(**over):
@@ -80,11 +80,11 @@ def recipe(**over):
         peft=peft,
         gradient_accumulation_steps=8,
     )
-    return SimpleNamespace(**{**base, **over})
+    return recipe_from_dict({**base, **over, "datasets": ["alpaca"]})
 
 
 def lora(mode="lora", r=16, targets="all-linear", dropout=0.05):
-    return SimpleNamespace(mode=mode, r=r, target_modules=targets, dropout=dropout)
+    return dict(mode=mode, r=r, target_modules=targets, dropout=dropout)
 
 
 # ---- parameter counts ----
@@ -93,21 +93,21 @@ def lora(mode="lora", r=16, targets="all-linear", dropout=0.05):
 @pytest.mark.parametrize("arch", ["gpt_neox", "llama", "llama_tied", "bloom"])
 def test_param_count_equals_instantiated_model(arch):
     config = tiny_configs()[arch]
-    assert plan.model_shape(config).params == real_count(config)
+    assert model_info.model_shape(config).params == real_count(config)
 
 
 @pytest.mark.parametrize("name", sorted(SEED_COUNTS))
 def test_seed_model_param_counts_within_a_percent(name):
-    shape = plan.model_shape(plan.load_model_config(name), name=name)
+    shape = model_info.model_shape(model_info.load_model_config(name), name=name)
     assert shape.params == pytest.approx(SEED_COUNTS[name], rel=0.01)
 
 
 def test_bloom_tie_comes_from_the_config_not_the_meta_model(monkeypatch):
-    config = plan.load_model_config("ckip-joint/bloom-3b-zh")
-    shape = plan.model_shape(config)
+    config = model_info.load_model_config("ckip-joint/bloom-3b-zh")
+    shape = model_info.model_shape(config)
     assert shape.tied and shape.params == pytest.approx(3.003e9, rel=0.001)
     # An untied copy of the same config counts the output matrix once more.
-    untied = plan.model_shape(BloomConfig(**{**config.to_dict(), "tie_word_embeddings": False}))
+    untied = model_info.model_shape(BloomConfig(**{**config.to_dict(), "tie_word_embeddings": False}))
     assert untied.params - shape.params == shape.vocab * shape.hidden
 
 
@@ -116,13 +116,15 @@ def test_lora_params_equal_peft_count():
 
     for arch in ("gpt_neox", "llama", "bloom"):
         config = tiny_configs()[arch]
-        shape = plan.model_shape(config)
+        shape = model_info.model_shape(config)
         model = get_peft_model(
             AutoModelForCausalLM.from_config(config), LoraConfig(r=4, target_modules="all-linear")
         )
         trainable, _ = model.get_nb_trainable_parameters()
-        assert plan.lora_params(list(shape.linears), 4) == trainable, arch
-        named = plan.lora_params(plan._targets(shape, ["q_proj", "v_proj"]), 4) if arch == "llama" else None
+        assert memory.lora_params(list(shape.linears), 4) == trainable, arch
+        named = (
+            memory.lora_params(memory._targets(shape, ["q_proj", "v_proj"]), 4) if arch == "llama" else None
+        )
         if named is not None:
             model = get_peft_model(
                 AutoModelForCausalLM.from_config(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
@@ -150,41 +152,39 @@ def test_nf4_bytes_match_a_quantized_model(tmp_path):
         if qs is not None:
             stored += qs.absmax.numel() * qs.absmax.element_size()
             stored += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
-    shape = plan.model_shape(config)
-    predicted = plan.weight_bytes("qlora", shape.params, shape.quantizable_params, 4, 0, 1, False, True)
+    shape = model_info.model_shape(config)
+    predicted = memory.weight_bytes("qlora", shape.params, shape.quantizable_params, 4, 0, 1, False, True)
     assert predicted == pytest.approx(stored, rel=0.02)
-    assert plan.nf4_bytes_per_param(True) == 0.5 + 1 / 64 + 4 / (64 * 256)
+    assert memory.nf4_bytes_per_param(True) == 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 # ---- shipped configs and config loading ----
 
 
 def test_shipped_model_config_paths():
-    path = plan.shipped_model_config("EleutherAI/pythia-12b-deduped")
-    assert (
-        path == plan.REPO_ROOT / "recipes" / "base_models" / "EleutherAI__pythia-12b-deduped" / "config.json"
-    )
-    assert plan.shipped_model_config("nobody/no-such-model") is None
-    assert plan.shipped_model_config("./EleutherAI/pythia-12b-deduped") is None
-    sft4 = json.loads(plan.shipped_model_config("andreaskoepf/pythia-12b-pre-2000").read_text())
+    path = shipped.shipped_model_config("EleutherAI/pythia-12b-deduped")
+    assert path == shipped.BASE_MODELS_DIR / "EleutherAI__pythia-12b-deduped" / "config.json"
+    assert shipped.shipped_model_config("nobody/no-such-model") is None
+    assert shipped.shipped_model_config("./EleutherAI/pythia-12b-deduped") is None
+    sft4 = json.loads(shipped.shipped_model_config("andreaskoepf/pythia-12b-pre-2000").read_text())
     assert sft4 == json.loads(path.read_text())
 
 
 def test_seed_configs_have_the_documented_architecture():
-    neox = plan.load_model_config("stabilityai/stablelm-base-alpha-7b")
+    neox = model_info.load_model_config("stabilityai/stablelm-base-alpha-7b")
     assert (neox.hidden_size, neox.num_hidden_layers, neox.num_attention_heads) == (6144, 16, 48)
     assert (neox.intermediate_size, neox.vocab_size, neox.max_position_embeddings) == (24576, 50432, 4096)
     assert neox.rope_parameters["partial_rotary_factor"] == 0.25 and neox.use_parallel_residual
     assert neox.tie_word_embeddings is False
-    bloom = plan.load_model_config("ckip-joint/bloom-3b-zh")
+    bloom = model_info.load_model_config("ckip-joint/bloom-3b-zh")
     assert (bloom.hidden_size, bloom.n_layer, bloom.n_head, bloom.vocab_size) == (2560, 30, 32, 250880)
     assert (bloom.eos_token_id, bloom.pad_token_id) == (2, 3)
 
 
 def test_smollm2_config_matches_its_gguf():
     gguf = demo_gguf()
-    shipped = plan.load_model_config("HuggingFaceTB/SmolLM2-135M-Instruct")
-    from_gguf = plan.load_model_config(str(gguf))
+    shipped = model_info.load_model_config("HuggingFaceTB/SmolLM2-135M-Instruct")
+    from_gguf = model_info.load_model_config(str(gguf))
     keys = (
         "model_type",
         "hidden_size",
@@ -200,62 +200,62 @@ def test_smollm2_config_matches_its_gguf():
     )
     assert {k: getattr(shipped, k) for k in keys} == {k: getattr(from_gguf, k) for k in keys}
     assert shipped.rope_parameters["rope_theta"] == from_gguf.rope_parameters["rope_theta"]
-    assert plan.model_shape(shipped).params == plan.model_shape(from_gguf).params
+    assert model_info.model_shape(shipped).params == model_info.model_shape(from_gguf).params
 
 
 def test_load_model_config_local_dir_and_errors(tmp_path, monkeypatch):
     tiny_configs()["gpt_neox"].save_pretrained(tmp_path / "m")
-    assert plan.load_model_config(str(tmp_path / "m")).hidden_size == 64
+    assert model_info.load_model_config(str(tmp_path / "m")).hidden_size == 64
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OasstError) as err:
-        plan.load_model_config("nobody/no-such-model")
+        model_info.load_model_config("nobody/no-such-model")
     assert "nobody/no-such-model" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(OasstError, match="not found"):
-        plan.load_model_config(str(tmp_path / "missing" / "dir"))
+        model_info.load_model_config(str(tmp_path / "missing" / "dir"))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")
-    with pytest.raises(
-        OasstError, match=r"model_name: cannot use .*bad/config.json: Expecting property name"
-    ):
-        plan.load_model_config(str(tmp_path / "bad"))  # (checked before transformers reads it)
+    with pytest.raises(OasstError, match=r"model_name: cannot use .*bad/config.json: Expecting property"):
+        model_info.load_model_config(str(tmp_path / "bad"))  # (checked before transformers reads it)
 
 
 # ---- the terms ----
 
 
 def test_activations_scale_with_batch_and_length(pythia):
-    base = plan.Setup(mode="lora", micro_batch=1, seq_len=512, gradient_checkpointing=False)
-    acts = [plan.memory_terms(pythia, replace(base, micro_batch=b))["activations"] for b in (1, 2, 3)]
+    base = memory.Setup(mode="lora", micro_batch=1, seq_len=512, gradient_checkpointing=False)
+    acts = [memory.memory_terms(pythia, replace(base, micro_batch=b))["activations"] for b in (1, 2, 3)]
     assert acts[0] < acts[1] < acts[2]
     assert acts[2] - acts[1] == pytest.approx(acts[1] - acts[0], rel=1e-6)  # linear in batch
-    longer = plan.memory_terms(pythia, replace(base, seq_len=1024))["activations"]
+    longer = memory.memory_terms(pythia, replace(base, seq_len=1024))["activations"]
     assert longer == pytest.approx(2 * acts[0], rel=0.05)
     for term in ("weights", "trainable", "gradients", "optimizer"):
-        one = plan.memory_terms(pythia, base)[term]
-        assert plan.memory_terms(pythia, replace(base, micro_batch=4, seq_len=2048))[term] == one
+        one = memory.memory_terms(pythia, base)[term]
+        assert memory.memory_terms(pythia, replace(base, micro_batch=4, seq_len=2048))[term] == one
 
 
 def test_eager_attention_is_quadratic_in_length():
-    shape = plan.model_shape(plan.load_model_config("ckip-joint/bloom-3b-zh"))  # Bloom: eager attention only
-    setup = plan.Setup(mode="full", micro_batch=1, dtype="bf16")
-    one, two = (plan.layer_activation_bytes(shape, replace(setup, seq_len=s)) for s in (1024, 2048))
+    shape = model_info.model_shape(
+        model_info.load_model_config("ckip-joint/bloom-3b-zh")
+    )  # Bloom: eager attention only
+    setup = memory.Setup(mode="full", micro_batch=1, dtype="bf16")
+    one, two = (memory.layer_activation_bytes(shape, replace(setup, seq_len=s)) for s in (1024, 2048))
     # f(2s) - 2 f(s) leaves only the s^2 term: heads * (4 s^2 - 2 s^2) * (4 fp32 softmax + 2 bf16 copy)
     assert two - 2 * one == pytest.approx(shape.heads * 2 * 1024**2 * 6)
-    sdpa_shape = plan.model_shape(tiny_configs()["llama"])
-    a, b = (plan.layer_activation_bytes(sdpa_shape, replace(setup, seq_len=s)) for s in (1024, 2048))
+    sdpa_shape = model_info.model_shape(tiny_configs()["llama"])
+    a, b = (memory.layer_activation_bytes(sdpa_shape, replace(setup, seq_len=s)) for s in (1024, 2048))
     assert b == pytest.approx(2 * a)  # sdpa: linear in length
 
 
 def test_gradient_checkpointing_cuts_activations(pythia):
-    setup = plan.Setup(mode="full", micro_batch=2, seq_len=2048)
-    with_gc = plan.memory_terms(pythia, replace(setup, gradient_checkpointing=True))["activations"]
-    without = plan.memory_terms(pythia, setup)["activations"]
+    setup = memory.Setup(mode="full", micro_batch=2, seq_len=2048)
+    with_gc = memory.memory_terms(pythia, replace(setup, gradient_checkpointing=True))["activations"]
+    without = memory.memory_terms(pythia, setup)["activations"]
     assert with_gc < without / 5
 
 
 def test_modes_order_weights_and_trainable(pythia):
-    setup = plan.Setup(micro_batch=1, seq_len=1024, gradient_checkpointing=True, grad_accum=4)
-    full, lo, q = (plan.memory_terms(pythia, replace(setup, mode=m)) for m in ("full", "lora", "qlora"))
+    setup = memory.Setup(micro_batch=1, seq_len=1024, gradient_checkpointing=True, grad_accum=4)
+    full, lo, q = (memory.memory_terms(pythia, replace(setup, mode=m)) for m in ("full", "lora", "qlora"))
     assert q["weights"] < lo["weights"] == pythia.params * 2
     assert full["trainable"] == 0 and lo["trainable"] == q["trainable"] > 0
     # full bf16 without DeepSpeed: fp32 weights (the master copy) + autocast's bf16 copy of the matmul
@@ -263,20 +263,20 @@ def test_modes_order_weights_and_trainable(pythia):
     assert full["weights"] == pythia.params * 4 + pythia.quantizable_params * 2
     assert full["gradients"] == 4 * pythia.params and full["optimizer"] == 8 * pythia.params
     # under ZeRO (one GPU): bf16 weights, 2 (grad) + 4 (fp32 grad) + 12 (AdamW + fp32 master) bytes
-    z = plan.memory_terms(pythia, replace(setup, mode="full", zero_stage=2, reduce_bucket=0))
+    z = memory.memory_terms(pythia, replace(setup, mode="full", zero_stage=2, reduce_bucket=0))
     assert z["weights"] == pythia.params * 2
     assert z["gradients"] == 6 * pythia.params and z["optimizer"] == 12 * pythia.params
     # LoRA: fp32 adapters, fp32 gradients, AdamW states, no master copy
     assert lo["gradients"] == lo["trainable"] and lo["optimizer"] == 2 * lo["trainable"]
-    fp32 = plan.memory_terms(pythia, replace(setup, mode="full", dtype="fp32"))
+    fp32 = memory.memory_terms(pythia, replace(setup, mode="full", dtype="fp32"))
     assert (
         fp32["weights"] == fp32["gradients"] == 4 * pythia.params and fp32["optimizer"] == 8 * pythia.params
     )
 
 
 def test_zero_stages_partition_and_offload(pythia):
-    setup = plan.Setup(mode="full", gpus=8, grad_accum=4, gradient_checkpointing=True)
-    z0, z2, z3 = (plan.memory_terms(pythia, replace(setup, zero_stage=s)) for s in (0, 2, 3))
+    setup = memory.Setup(mode="full", gpus=8, grad_accum=4, gradient_checkpointing=True)
+    z0, z2, z3 = (memory.memory_terms(pythia, replace(setup, zero_stage=s)) for s in (0, 2, 3))
     # ZeRO-0 (plain DDP) keeps fp32 weights and 8 bytes of AdamW per parameter on every GPU; ZeRO
     # keeps bf16 weights and partitions AdamW + the fp32 master copy (12 bytes) over the GPUs.
     assert z0["optimizer"] == 8 * pythia.params
@@ -284,33 +284,35 @@ def test_zero_stages_partition_and_offload(pythia):
     assert z2["gradients"] < z0["gradients"] / 4
     assert z2["weights"] == pythia.params * 2 < z0["weights"]
     assert z3["weights"] < z2["weights"] / 4
-    off = plan.memory_terms(pythia, replace(setup, zero_stage=3, offload_optimizer=True, offload_params=True))
+    off = memory.memory_terms(
+        pythia, replace(setup, zero_stage=3, offload_optimizer=True, offload_params=True)
+    )
     assert off["optimizer"] == 0 and off["weights"] < z3["weights"]
-    more = plan.memory_terms(pythia, replace(setup, zero_stage=3, gpus=16))
+    more = memory.memory_terms(pythia, replace(setup, zero_stage=3, gpus=16))
     assert more["weights"] < z3["weights"] and more["optimizer"] == pytest.approx(z3["optimizer"] / 2)
 
 
 def test_gradients_and_activations_overlap_only_without_accumulation(pythia):
-    setup = plan.Setup(mode="full", seq_len=1024, gradient_checkpointing=True, grad_accum=1)
-    terms = plan.memory_terms(pythia, setup)
+    setup = memory.Setup(mode="full", seq_len=1024, gradient_checkpointing=True, grad_accum=1)
+    terms = memory.memory_terms(pythia, setup)
     assert terms["not_live_together"] < 0
     assert terms["not_live_together"] >= -min(terms["gradients"], terms["activations"])
-    assert plan.memory_terms(pythia, replace(setup, grad_accum=2))["not_live_together"] == 0
+    assert memory.memory_terms(pythia, replace(setup, grad_accum=2))["not_live_together"] == 0
 
 
 def test_overhead_only_on_cuda(pythia):
-    setup = plan.Setup(mode="lora", seq_len=256)
-    assert plan.memory_terms(pythia, replace(setup, device="cpu"))["overhead"] == 0
-    assert plan.memory_terms(pythia, setup)["overhead"] > plan.CUDA_CONTEXT_GIB * GIB
+    setup = memory.Setup(mode="lora", seq_len=256)
+    assert memory.memory_terms(pythia, replace(setup, device="cpu"))["overhead"] == 0
+    assert memory.memory_terms(pythia, setup)["overhead"] > memory.CUDA_CONTEXT_GIB * GIB
 
 
 def test_max_micro_batch_is_the_largest_that_fits(pythia):
-    setup = plan.Setup(mode="qlora", seq_len=2048, gradient_checkpointing=True, grad_accum=8)
-    best = plan.max_micro_batch(pythia, setup, 24.0)
+    setup = memory.Setup(mode="qlora", seq_len=2048, gradient_checkpointing=True, grad_accum=8)
+    best = memory.max_micro_batch(pythia, setup, 24.0)
     assert best >= 1
-    assert plan.total_bytes(pythia, replace(setup, micro_batch=best)) <= 24 * GIB
-    assert plan.total_bytes(pythia, replace(setup, micro_batch=best + 1)) > 24 * GIB
-    assert plan.max_micro_batch(pythia, replace(setup, mode="full"), 24.0) == 0
+    assert memory.total_bytes(pythia, replace(setup, micro_batch=best)) <= 24 * GIB
+    assert memory.total_bytes(pythia, replace(setup, micro_batch=best + 1)) > 24 * GIB
+    assert memory.max_micro_batch(pythia, replace(setup, mode="full"), 24.0) == 0
 
 
 # ---- the recipe and the JSON ----
@@ -362,22 +364,22 @@ def test_plan_recipe_reads_deepspeed_and_gpus():
 
 
 def test_deepspeed_settings_from_files(tmp_path):
-    assert plan.deepspeed_settings(None)["zero_stage"] == 0
-    shipped = plan.deepspeed_settings("zero2-offload")
-    assert shipped["zero_stage"] == 2 and shipped["offload_optimizer"] and not shipped["offload_params"]
-    assert shipped["reduce_bucket"] == 10**9
+    assert shipped.read_deepspeed(None).zero_stage == 0
+    offload = shipped.read_deepspeed("zero2-offload")
+    assert offload.zero_stage == 2 and offload.offload_optimizer and not offload.offload_params
+    assert offload.reduce_bucket == 10**9
     custom = tmp_path / "ds.json"
     custom.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
-    got = plan.deepspeed_settings("ds.json", tmp_path)
-    assert got["zero_stage"] == 3 and got["offload_params"] and not got["offload_optimizer"]
+    got = shipped.read_deepspeed("ds.json", tmp_path)
+    assert got.zero_stage == 3 and got.offload_params and not got.offload_optimizer
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(OasstError, match="broken.json"):
-        plan.deepspeed_settings(str(tmp_path / "broken.json"))
+        shipped.read_deepspeed(str(tmp_path / "broken.json"))
     with pytest.raises(OasstError, match="file not found"):
-        plan.deepspeed_settings(str(tmp_path / "missing.json"))
+        shipped.read_deepspeed(str(tmp_path / "missing.json"))
     (tmp_path / "stage9.json").write_text(json.dumps({"zero_optimization": {"stage": 9}}))
     with pytest.raises(OasstError, match="stage"):
-        plan.deepspeed_settings(str(tmp_path / "stage9.json"))
+        shipped.read_deepspeed(str(tmp_path / "stage9.json"))
 
 
 def test_plan_recipe_bad_arguments():
@@ -393,12 +395,10 @@ def test_shipped_recipes_plan_offline(monkeypatch):
     from oasst_peft.config import load_recipe
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for path in sorted((plan.REPO_ROOT / "recipes").glob("*.yaml")):
+    for path in sorted((shipped.RECIPES_DIR).glob("*.yaml")):
         result = plan.plan_recipe(load_recipe(path), gpus=1, gpu_mem_gib=24)
         assert result["model"]["params"] > 1e8, path.name
-    qlora = plan.plan_recipe(
-        load_recipe(plan.REPO_ROOT / "recipes" / "pythia12b-sft1-qlora.yaml"), gpu_mem_gib=24
-    )
+    qlora = plan.plan_recipe(load_recipe(shipped.RECIPES_DIR / "pythia12b-sft1-qlora.yaml"), gpu_mem_gib=24)
     assert qlora["recipe"]["fits"]  # the recipes' comment promises a 24 GB card
 
 

@@ -150,7 +150,7 @@ def _stand_in(tmp_path: Path, model_name: str) -> Path:
     """A tiny random model with the architecture of the shipped config for ``model_name``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from oasst_peft.plan import shipped_model_config
+    from oasst_peft.shipped import shipped_model_config
 
     cfg_path = shipped_model_config(model_name)
     assert cfg_path is not None, f"no shipped config for {model_name}"

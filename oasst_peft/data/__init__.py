@@ -11,11 +11,13 @@ From Python::
 Modules: ``spec`` (the recipe entries), ``registry`` (names -> converters), ``readers`` (files and
 hub rows with their locations), ``oasst_export`` (message trees -> threads), ``sources`` (the other
 datasets and the generic formats), ``conversation`` (the shape every conversation must have),
-``mix`` (split and sample), ``tokenize`` (masks, length policy, cache), ``stats`` (stats, preview).
+``mix`` (split and sample), ``prepare`` (a recipe's mix, tokenized), ``tokenize`` (masks, length policy, cache), ``stats`` (stats, preview).
 """
 
+from oasst_peft.data import oasst_export, sources  # noqa: F401  (register the built-in datasets)
 from oasst_peft.data.conversation import check_conversation
 from oasst_peft.data.mix import DatasetPart, Mix, load_dataset, load_mix
+from oasst_peft.data.prepare import prepare_data
 from oasst_peft.data.registry import Context, DatasetInfo, dataset_names, get_dataset_info, register_dataset
 from oasst_peft.data.spec import DatasetSpec, parse_datasets
 from oasst_peft.data.stats import data_preview, data_stats, format_preview, format_stats, summary_lines
@@ -38,6 +40,7 @@ __all__ = [
     "load_dataset",
     "load_mix",
     "parse_datasets",
+    "prepare_data",
     "register_dataset",
     "summary_lines",
     "tokenize_mix",

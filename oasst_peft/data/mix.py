@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oasst_peft.data import oasst_export
 from oasst_peft.data.conversation import check_conversation
 from oasst_peft.data.readers import Problems, expand_files, iter_file_rows, iter_hub_rows
 from oasst_peft.data.registry import Context, DatasetInfo, get_dataset_info
@@ -211,13 +210,11 @@ def load_dataset(spec: DatasetSpec, seed: int) -> DatasetPart:
     problems = Problems(spec.key, spec.on_error)
     part = DatasetPart(spec.key, spec, [], [])
     split_rng = _rng(spec, seed, "split")
-    if spec.name == "oasst_export" and not spec.format:
-        trees = oasst_export.read_trees(oasst_export.export_rows(spec, problems), problems)
+    if info is not None and info.split is not None and not spec.format:  # tree-shaped: split whole trees
+        split = lambda kept: split_items(kept, spec.val_split, split_rng)  # noqa: E731
+        train, val = info.split(spec, problems, split, part.dropped)
         part.dropped["train"].update(problems.dropped)
         part.first_problem = problems.first
-        train, val, _ = oasst_export.threads_by_split(
-            trees, spec, lambda kept: split_items(kept, spec.val_split, split_rng), part.dropped
-        )
         train = _checked(train, part.dropped["train"])
         val = _checked(val, part.dropped["validation"])
     else:

@@ -400,9 +400,17 @@ def threads_by_split(
     return train, val, filt
 
 
+def split_export(spec, problems: Problems, split_trees, dropped: dict[str, Counter]):
+    """The registry's ``split`` for oasst_export: read the trees, split whole trees, return their threads."""
+    trees = read_trees(export_rows(spec, problems), problems)
+    train, val, _ = threads_by_split(trees, spec, split_trees, dropped)
+    return train, val
+
+
 INFO = register_info(
     DatasetInfo(
         name="oasst_export",
+        split=split_export,
         hub_id=DEFAULT_HUB_ID,
         hub_split="train+validation",
         options=("lang", "top_k"),

@@ -54,11 +54,13 @@ class DatasetInfo:
     options: tuple[str, ...] = ()
     finish: Callable[[Context], Iterable[Conversation]] | None = None
     description: str = ""
+    # A source whose rows are not conversations one by one (message trees): ``split(spec, problems, split,
+    # dropped) -> (train, validation)`` reads it and splits whole units with ``split(items) -> (train, val)``.
+    split: Callable[..., tuple[list, list]] | None = None
 
 
 _REGISTRY: dict[str, DatasetInfo] = {}
 _FAMILIES: list[tuple[re.Pattern, Callable[[re.Match], DatasetInfo], str]] = []
-_BUILTINS_LOADED = False
 
 
 def register_dataset(
@@ -97,7 +99,7 @@ def _first_line(doc: str | None) -> str:
 
 
 def register_info(info: DatasetInfo) -> DatasetInfo:
-    """Register a fully built ``DatasetInfo`` (oasst_export, which reads whole trees, has no converter)."""
+    """Register a fully built ``DatasetInfo`` (a tree-shaped source such as oasst_export gives ``split``)."""
     _REGISTRY[info.name] = info
     return info
 
@@ -107,16 +109,11 @@ def register_family(pattern: str, make: Callable[[re.Match], DatasetInfo], examp
     _FAMILIES.append((re.compile(pattern), make, example))
 
 
-def _ensure_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        from oasst_peft.data import oasst_export, sources  # noqa: F401  (registers the built-in datasets)
-
-
 def get_dataset_info(name: str) -> DatasetInfo | None:
-    """The registered dataset called ``name`` (exact names first, then families), or None."""
-    _ensure_builtins()
+    """The registered dataset called ``name`` (exact names first, then families), or None.
+
+    The built-in datasets register when ``oasst_peft.data`` is imported (its ``sources`` and ``oasst_export``).
+    """
     if name in _REGISTRY:
         return _REGISTRY[name]
     for pattern, make, _ in _FAMILIES:
@@ -128,5 +125,4 @@ def get_dataset_info(name: str) -> DatasetInfo | None:
 
 def dataset_names() -> list[str]:
     """Every registered name, with one example name per family."""
-    _ensure_builtins()
     return sorted(set(_REGISTRY) | {example for _, _, example in _FAMILIES})

@@ -14,9 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from oasst_peft.data.registry import dataset_names, get_dataset_info
+from oasst_peft.data.sources import FORMATS
 from oasst_peft.errors import OasstError, did_you_mean, shown
-
-FORMATS = ("messages", "sharegpt", "alpaca")
 
 
 class DatasetSpec(BaseModel):

@@ -14,12 +14,10 @@ import torch
 
 from merge_tools import merge
 from merge_tools.lora import nf4_roundtrip
+from tests.gpu import requires_gpu
 from tests.merge.runs import make_base, make_run
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = requires_gpu(1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -1,0 +1,64 @@
+"""Shipped package data by name: DeepSpeed JSONs, base-model configs and recipes (list, by name, copy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from oasst_peft import shipped
+from oasst_peft.cli import app
+from oasst_peft.config import load_recipe
+from oasst_peft.errors import OasstError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_recipes_live_in_the_package_and_recipes_is_their_one_source():
+    assert shipped.RECIPES_DIR.parent == Path(shipped.__file__).resolve().parent
+    assert shipped.RECIPES_DIR.resolve() == (ROOT / "recipes").resolve()
+    assert sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")) == shipped.recipe_names()
+
+
+def test_a_path_wins_over_a_name(tmp_path, monkeypatch):
+    assert shipped.find_recipe("stablelm7b-qlora") == shipped.RECIPES_DIR / "stablelm7b-qlora.yaml"
+    assert shipped.find_recipe("stablelm7b-qlora.yaml") == shipped.RECIPES_DIR / "stablelm7b-qlora.yaml"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stablelm7b-qlora.yaml").write_text("model_name: mine\ndatasets: [alpaca]\n")
+    assert shipped.find_recipe("stablelm7b-qlora.yaml") == Path("stablelm7b-qlora.yaml")
+    with pytest.raises(OasstError, match="did you mean 'stablelm7b-qlora'"):
+        shipped.find_recipe("stablelm7b-qlor")
+
+
+def test_copy_works_where_it_is_written(tmp_path):
+    out = shipped.copy_recipe("demo-smollm2", tmp_path)
+    assert out == tmp_path / "demo-smollm2.yaml"
+    original, copy = load_recipe(shipped.RECIPES_DIR / "demo-smollm2.yaml"), load_recipe(out)
+    same = {k: v for k, v in copy.to_dict().items() if k != "datasets"}
+    assert same == {k: v for k, v in original.to_dict().items() if k != "datasets"}
+    assert out.read_text().startswith("# The CPU demo")  # comments kept: an editable copy
+    data = copy.datasets[0]["oasst_export"]["input_file_path"]
+    shipped_data = original.resolve_path(original.datasets[0]["oasst_export"]["input_file_path"])
+    assert Path(data).is_absolute() and Path(data).samefile(shipped_data)
+    child = shipped.copy_recipe("stablelm7b-qlora", tmp_path / "mine.yaml")
+    assert (
+        load_recipe(child).to_dict() == load_recipe(shipped.RECIPES_DIR / "stablelm7b-qlora.yaml").to_dict()
+    )
+    with pytest.raises(OasstError, match="already exists"):
+        shipped.copy_recipe("stablelm7b-qlora", tmp_path / "mine.yaml")
+
+
+def test_recipes_command_lists_name_model_mode_and_description():
+    res = CliRunner().invoke(app, ["recipes"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if "stablelm7b-qlora" in line)
+    assert "stabilityai/stablelm-base-alpha-7b" in row and "qlora" in row
+    assert "QLoRA" in row or "4-bit" in row  # the recipe's first comment line
+
+
+def test_shipped_deepspeed_and_base_model_lookups():
+    assert shipped.deepspeed_config_path("zero3") == shipped.DEEPSPEED_DIR / "zero3.json"
+    assert shipped.read_deepspeed("zero3-offload").offload_params
+    assert shipped.shipped_model_config("EleutherAI/pythia-12b-deduped").is_file()
+    assert set(shipped.DEEPSPEED_NAMES) == {p.stem for p in shipped.DEEPSPEED_DIR.glob("*.json")}
