@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -32,6 +32,23 @@ SetOpt = Annotated[
 ]
 
 
+Dtype = Literal["fp16", "bf16", "fp32"]
+SAMPLING_NAMES = ("greedy", "typical", "nucleus", "beam")  # sample.SAMPLING_CONFIGS, without importing torch
+
+
+def _known_configs(values: list[str] | None) -> list[str] | None:
+    for v in values or []:
+        if v not in SAMPLING_NAMES:
+            raise typer.BadParameter(f"'{v}' is not one of {', '.join(SAMPLING_NAMES)}")
+    return values
+
+
+def _above_zero(value: float) -> float:
+    if not value > 0:  # (NaN too)
+        raise typer.BadParameter(f"must be > 0 (got {value})")
+    return value
+
+
 def _say(line: str) -> None:
     typer.echo(line)
 
@@ -50,7 +67,7 @@ def train(
     output_dir: Annotated[
         str | None, typer.Option(help="write the run here instead of the recipe's output_dir")
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="stop after N optimizer steps")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="stop after N optimizer steps")] = None,
     resume: Annotated[
         str | None, typer.Option(help="continue from the latest checkpoint (bare --resume) or a named one")
     ] = None,
@@ -59,12 +76,12 @@ def train(
         bool, typer.Option(help="validate, load data and print the plan; train nothing")
     ] = False,
     nproc: Annotated[
-        int | None, typer.Option(help="processes (GPUs) per node: relaunch under torchrun")
+        int | None, typer.Option(min=1, help="processes (GPUs) per node: relaunch under torchrun")
     ] = None,
-    nnodes: Annotated[int, typer.Option(help="number of nodes")] = 1,
-    node_rank: Annotated[int, typer.Option(help="this node's rank")] = 0,
+    nnodes: Annotated[int, typer.Option(min=1, help="number of nodes")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="this node's rank")] = 0,
     master_addr: Annotated[str | None, typer.Option(help="address of node 0")] = None,
-    master_port: Annotated[int | None, typer.Option(help="port on node 0")] = None,
+    master_port: Annotated[int | None, typer.Option(min=1, max=65535, help="port on node 0")] = None,
     hostfile: Annotated[
         Path | None, typer.Option(help="DeepSpeed hostfile: relaunch under the deepspeed launcher")
     ] = None,
@@ -72,7 +89,7 @@ def train(
         bool, typer.Option(help="resume even if the recipe, data or tokenizer changed since the checkpoint")
     ] = False,
     shutdown_timeout: Annotated[
-        int, typer.Option(help="seconds the launcher gives workers to save after Ctrl-C (default 900)")
+        int, typer.Option(min=1, help="seconds the launcher gives workers to save after Ctrl-C (default 900)")
     ] = 900,
 ) -> None:
     """Train as the recipe says.
@@ -116,12 +133,13 @@ def merge(
     ],
     out: Annotated[Path, typer.Option("--out", help="where to write the merged model")],
     base: Annotated[str | None, typer.Option(help="base model (default: the one the run recorded)")] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp16 | bf16 | fp32 (default: the base's dtype)")] = None,
+    dtype: Annotated[Dtype | None, typer.Option(help="output dtype (default: the base's dtype)")] = None,
     verify: Annotated[
         bool | None, typer.Option("--verify/--no-verify", help="compare logits with base + adapter")
     ] = None,
     qlora_base: Annotated[
-        str, typer.Option(help="dequantized-nf4 (what QLoRA training saw) | exact (the original weights)")
+        Literal["dequantized-nf4", "exact"],
+        typer.Option(help="dequantized-nf4 (what QLoRA training saw) | exact (the original weights)"),
     ] = "dequantized-nf4",
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB or 500MB")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
@@ -131,7 +149,9 @@ def merge(
     Example: oasst-peft merge runs/demo-smollm2 --out runs/demo-smollm2-merged
     """
     from merge_tools import merge as run_merge
+    from oasst_peft.model_files import check_folder
 
+    check_folder(run_or_adapter, key="merge")  # its JSON files and safetensors headers, before loading
     report = run_merge(
         run_or_adapter,
         out,
@@ -154,7 +174,9 @@ def export(
     gguf: Annotated[
         Path, typer.Option("--gguf", help="the GGUF file to write (an Ollama Modelfile goes beside it)")
     ],
-    type_: Annotated[str, typer.Option("--type", help="f32 | f16 | bf16 | q8_0")] = "f16",
+    type_: Annotated[
+        Literal["f32", "f16", "bf16", "q8_0"], typer.Option("--type", help="tensor type")
+    ] = "f16",
     modelfile: Annotated[
         bool, typer.Option("--modelfile/--no-modelfile", help="write an Ollama Modelfile")
     ] = True,
@@ -165,6 +187,9 @@ def export(
     Example: oasst-peft export runs/demo-smollm2 --gguf runs/demo-gguf/demo.gguf --type q8_0
     """
     from oasst_peft.export import export_gguf
+    from oasst_peft.model_files import check_folder
+
+    check_folder(src, key="export")  # its JSON files and safetensors headers, before reading weights
 
     export_gguf(src, gguf, qtype=type_, modelfile=modelfile, overwrite=overwrite, say=_say)
 
@@ -184,12 +209,14 @@ def sample_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="write the JSON sampling report here")] = None,
     config: Annotated[
         list[str] | None,
-        typer.Option("--config", help="greedy | typical | nucleus | beam; repeat for several"),
+        typer.Option(
+            "--config", callback=_known_configs, help="greedy | typical | nucleus | beam; repeat for several"
+        ),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="reply length limit in tokens")] = 128,
-    seed: Annotated[int, typer.Option(help="seed for the sampling configs")] = 0,
-    batch_size: Annotated[int, typer.Option(help="prompts generated together (left padded)")] = 8,
-    dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: fp32 on CPU)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="reply length limit in tokens")] = 128,
+    seed: Annotated[int, typer.Option(min=0, help="seed for the sampling configs")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts generated together (left padded)")] = 8,
+    dtype: Annotated[Dtype | None, typer.Option(help="default: fp32 on CPU")] = None,
     chat_template: Annotated[
         str | None, typer.Option(help="use this template instead of the one saved with the model")
     ] = None,
@@ -198,10 +225,14 @@ def sample_cmd(
 
     Example: oasst-peft sample runs/demo-smollm2 --config greedy --config typical --out report.json
     """
+    from oasst_peft.model_files import check_folder
     from oasst_peft.sample import format_report, load_prompts, sample, write_report
 
     if out is not None and out.is_dir():
         raise OasstError(f"--out: {out} is a folder; give a file name such as report.json")
+    check_folder(model, key="sample")  # a broken run, adapter or model folder: one line before any load
+    if adapter is not None:
+        check_folder(adapter, key="--adapter")
     report = sample(
         model,
         adapter=adapter,
@@ -228,13 +259,15 @@ def chat_cmd(
         Path | None, typer.Option(help="LoRA adapter to apply on MODEL (when MODEL is a base)")
     ] = None,
     system: Annotated[str | None, typer.Option(help="system message for the conversation")] = None,
-    config: Annotated[str, typer.Option("--config", help="greedy | typical | nucleus")] = "greedy",
-    max_new_tokens: Annotated[int, typer.Option(help="reply length limit in tokens")] = 256,
+    config: Annotated[
+        Literal["greedy", "typical", "nucleus"], typer.Option("--config", help="sampling")
+    ] = "greedy",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="reply length limit in tokens")] = 256,
     transcript: Annotated[
         Path | None, typer.Option(help="keep the conversation here as JSON {'messages': [...]}")
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: fp32 on CPU)")] = None,
-    seed: Annotated[int, typer.Option(help="seed for the sampling configs")] = 0,
+    dtype: Annotated[Dtype | None, typer.Option(help="default: fp32 on CPU")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="seed for the sampling configs")] = 0,
 ) -> None:
     """Talk to a model, turn by turn, with the saved chat template; /reset, /system TEXT, /exit.
 
@@ -304,7 +337,7 @@ def data_stats(
 def data_preview(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    n: Annotated[int, typer.Option("--n", help="how many examples")] = 3,
+    n: Annotated[int, typer.Option("--n", min=1, help="how many examples")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """The rendered text of N examples and, token by token, which tokens carry loss.
@@ -326,8 +359,8 @@ def data_preview(
 def plan(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    gpus: Annotated[int, typer.Option(help="GPUs the run would use")] = 1,
-    gpu_mem: Annotated[float, typer.Option(help="memory per GPU in GiB")] = 24.0,
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs the run would use")] = 1,
+    gpu_mem: Annotated[float, typer.Option(callback=_above_zero, help="memory per GPU in GiB (> 0)")] = 24.0,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Parameter counts and per-GPU memory for the recipe's mode and for full/LoRA/QLoRA, ZeRO-2/3.
@@ -400,21 +433,30 @@ def main(argv: list[str] | None = None) -> None:
         if a == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
             args.insert(i + 1, "latest")
             break
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError  # (typer's bundled click)
+
+    from merge_tools.errors import MergeError  # instant: merge_tools imports torch only on use
+
     try:
-        from merge_tools import MergeError
-    except ImportError:  # pragma: no cover - merge_tools always ships with the package
-        MergeError = OasstError  # noqa: N806
-    try:
-        app(args, prog_name="oasst-peft", standalone_mode=True)
+        code = app(args, prog_name="oasst-peft", standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        typer.echo(e.format_message())
+        sys.exit(2)
+    except ClickException as e:  # a usage error (unknown option, value out of range): one line, exit 2
+        where = e.ctx.command_path if getattr(e, "ctx", None) else "oasst-peft"
+        one_line = " ".join(e.format_message().split())
+        typer.echo(f"error: {where}: {one_line} (see {where} --help)", err=True)
+        sys.exit(e.exit_code)
     except (OasstError, MergeError) as e:
         if debug:
             raise
         one_line = " ".join(str(e).splitlines())  # a message that quotes user text never spans lines
         typer.echo(f"error: {one_line}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ from oasst_peft.checkpoints import (
 from oasst_peft.config import Recipe
 from oasst_peft.data.prepare import prepare_data
 from oasst_peft.data.stats import summary_lines
+from oasst_peft.ds_check import check_recipe_deepspeed
 from oasst_peft.errors import OasstError, Unavailable
+from oasst_peft.locks import holds_output_dir
 from oasst_peft.run_record import RECIPE_RECORD, RUN_RECORD, RunRecord
 from oasst_peft.shipped import deepspeed_config_path
 
@@ -198,6 +200,7 @@ def _print_plan(recipe: Recipe, out: Path, dtype: str, tokenized, unavailable: l
     return plan
 
 
+@holds_output_dir  # one run per output dir, for the run's lifetime
 def train(
     recipe: Recipe,
     *,
@@ -215,12 +218,15 @@ def train(
     """
     from transformers import set_seed
 
+    from oasst_peft.lora_targets import check_target_modules
     from oasst_peft.model import load_model, load_tokenizer
 
     say = distributed.rank_zero(say)  # under a launcher, rank 0 speaks for all
     out = Path(output_dir or recipe.output_dir)
     if not dry_run:
         check_output_dir(out, resume, overwrite)
+    check_recipe_deepspeed(recipe)  # a user's DeepSpeed JSON, in one line, before anything loads
+    check_target_modules(recipe)  # the base's config and the LoRA targets, before data or weights
     recipe, run = settings.resolve(recipe, say=say, dry_run=dry_run)  # every per-run decision, said once
     schedule.settle(recipe, run.deepspeed_path, say=say)  # the schedule that runs; a conflicting JSON refused
     dtype = run.dtype
