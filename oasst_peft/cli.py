@@ -6,7 +6,6 @@ traceback); usage errors exit 2.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,6 +13,15 @@ from typing import Annotated, Literal
 
 import typer
 
+from oasst_peft import cli_inspect
+from oasst_peft.cli_options import (
+    Dtype,
+    RecipeArg,
+    SetOpt,
+    known_configs,
+    recipe_from,
+    say,
+)
 from oasst_peft.errors import OasstError
 
 app = typer.Typer(
@@ -21,43 +29,6 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Open-Assistant-style SFT (full, LoRA, QLoRA) from one YAML recipe, and exact adapter merges.",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Inspect a recipe's data mix before training.")
-app.add_typer(data_app, name="data")
-
-RecipeArg = Annotated[
-    Path, typer.Argument(help="recipe YAML file, or a shipped recipe's name", show_default=False)
-]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="override a recipe key by dotted path, e.g. --set peft.r=32")
-]
-
-
-Dtype = Literal["fp16", "bf16", "fp32"]
-SAMPLING_NAMES = ("greedy", "typical", "nucleus", "beam")  # sample.SAMPLING_CONFIGS, without importing torch
-
-
-def _known_configs(values: list[str] | None) -> list[str] | None:
-    for v in values or []:
-        if v not in SAMPLING_NAMES:
-            raise typer.BadParameter(f"'{v}' is not one of {', '.join(SAMPLING_NAMES)}")
-    return values
-
-
-def _above_zero(value: float) -> float:
-    if not value > 0:  # (NaN too)
-        raise typer.BadParameter(f"must be > 0 (got {value})")
-    return value
-
-
-def _say(line: str) -> None:
-    typer.echo(line)
-
-
-def _recipe(path: Path, overrides: list[str] | None):
-    from oasst_peft.config import load_recipe
-    from oasst_peft.shipped import find_recipe
-
-    return load_recipe(find_recipe(path), overrides or [])  # a path wins over a shipped recipe's name
 
 
 @app.command()
@@ -96,7 +67,7 @@ def train(
 
     Example: oasst-peft train recipes/demo-smollm2.yaml --set max_steps=20
     """
-    r = _recipe(recipe, set_)
+    r = recipe_from(recipe, set_)
     resume_arg: bool | str | None = True if resume == "latest" else resume
     if nproc is not None or hostfile or nnodes > 1:
         from oasst_peft.launch import LaunchOptions, check_options, relaunch
@@ -106,8 +77,8 @@ def train(
             from oasst_peft.train import preflight
 
             check_options(opts)
-            preflight(r, output_dir=output_dir, resume=resume_arg, overwrite=overwrite, force=force, say=_say)
-        code = relaunch(opts, sys.argv[1:], dry_run=dry_run, say=_say)
+            preflight(r, output_dir=output_dir, resume=resume_arg, overwrite=overwrite, force=force, say=say)
+        code = relaunch(opts, sys.argv[1:], dry_run=dry_run, say=say)
         if not dry_run or code:
             raise typer.Exit(code)  # a dry run goes on to print the plan below
     from oasst_peft.train import train as run_train
@@ -120,7 +91,7 @@ def train(
         dry_run=dry_run,
         overwrite=overwrite,
         force=force,
-        say=_say,
+        say=say,
     )
     if result.interrupted:
         raise typer.Exit(130)
@@ -161,9 +132,9 @@ def merge(
         verify=verify,
         max_shard_size=max_shard_size,
         overwrite=overwrite,
-        say=_say,
+        say=say,
     )
-    _say(f"merged model: {report.out}. Load it with AutoModelForCausalLM.from_pretrained('{report.out}')")
+    say(f"merged model: {report.out}. Load it with AutoModelForCausalLM.from_pretrained('{report.out}')")
 
 
 @app.command()
@@ -191,7 +162,7 @@ def export(
 
     check_folder(src, key="export")  # its JSON files and safetensors headers, before reading weights
 
-    export_gguf(src, gguf, qtype=type_, modelfile=modelfile, overwrite=overwrite, say=_say)
+    export_gguf(src, gguf, qtype=type_, modelfile=modelfile, overwrite=overwrite, say=say)
 
 
 @app.command("sample")
@@ -210,7 +181,7 @@ def sample_cmd(
     config: Annotated[
         list[str] | None,
         typer.Option(
-            "--config", callback=_known_configs, help="greedy | typical | nucleus | beam; repeat for several"
+            "--config", callback=known_configs, help="greedy | typical | nucleus | beam; repeat for several"
         ),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="reply length limit in tokens")] = 128,
@@ -243,11 +214,11 @@ def sample_cmd(
         batch_size=batch_size,
         dtype=dtype,
         chat_template=chat_template,
-        say=_say,
+        say=say,
     )
     format_report(report)
     if out is not None:
-        _say(f"report: {write_report(report, out)}")
+        say(f"report: {write_report(report, out)}")
 
 
 @app.command("chat")
@@ -300,124 +271,13 @@ def report_cmd(
     from oasst_peft.curves import report
 
     for line in report(run, out=out).lines:
-        _say(line)
+        say(line)
 
 
-def _tokenized(r):
-    from oasst_peft.data.prepare import prepare_data
-    from oasst_peft.model import load_tokenizer
-
-    tokenizer, _ = load_tokenizer(r)
-    tokenized, _ = prepare_data(r, tokenizer, say=_say)
-    return tokenizer, tokenized
-
-
-@data_app.command("stats")
-def data_stats(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-) -> None:
-    """Per dataset and split: conversations, turns, tokens, trained tokens, truncated, dropped and why.
-
-    Example: oasst-peft data stats recipes/demo-smollm2.yaml --json
-    """
-    from oasst_peft.data import data_stats as compute
-    from oasst_peft.data import format_stats
-
-    _, tokenized = _tokenized(_recipe(recipe, set_))
-    stats = compute(tokenized)
-    if as_json:
-        typer.echo(json.dumps(stats, indent=2))
-    else:
-        format_stats(stats)
-
-
-@data_app.command("preview")
-def data_preview(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="how many examples")] = 3,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-) -> None:
-    """The rendered text of N examples and, token by token, which tokens carry loss.
-
-    Example: oasst-peft data preview recipes/demo-smollm2.yaml --n 2
-    """
-    from oasst_peft.data import data_preview as compute
-    from oasst_peft.data import format_preview
-
-    tokenizer, tokenized = _tokenized(_recipe(recipe, set_))
-    preview = compute(tokenized, tokenizer, n=n)
-    if as_json:
-        typer.echo(json.dumps(preview, indent=2, ensure_ascii=False))
-    else:
-        format_preview(preview)
-
-
-@app.command()
-def plan(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    gpus: Annotated[int, typer.Option(min=1, help="GPUs the run would use")] = 1,
-    gpu_mem: Annotated[float, typer.Option(callback=_above_zero, help="memory per GPU in GiB (> 0)")] = 24.0,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-) -> None:
-    """Parameter counts and per-GPU memory for the recipe's mode and for full/LoRA/QLoRA, ZeRO-2/3.
-
-    Example: oasst-peft plan recipes/stablelm7b-qlora.yaml --gpu-mem 24
-    """
-    from oasst_peft.plan import format_plan, plan_recipe
-
-    result = plan_recipe(_recipe(recipe, set_), gpus=gpus, gpu_mem_gib=gpu_mem)
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        format_plan(result)
-
-
-recipes_app = typer.Typer(help="The shipped recipes: list them, or copy one to edit.")
-app.add_typer(recipes_app, name="recipes")
-
-
-@recipes_app.callback(invoke_without_command=True)
-def recipes(ctx: typer.Context) -> None:
-    """List shipped recipes: name, model, mode and what each is for.
-
-    Example: oasst-peft recipes
-    """
-    if ctx.invoked_subcommand is not None:
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    from oasst_peft.config import load_recipe
-    from oasst_peft.shipped import RECIPES_DIR, recipe_description, recipe_names
-
-    table = Table("name", "model", "mode", "description")
-    for name in recipe_names():
-        path = RECIPES_DIR / f"{name}.yaml"
-        r = load_recipe(path)
-        table.add_row(name, r.model_name, r.mode, recipe_description(path))
-    Console(width=max(160, Console().width)).print(table)
-
-
-@recipes_app.command("copy")
-def recipes_copy(
-    name: Annotated[str, typer.Argument(help="a shipped recipe's name (see: oasst-peft recipes)")],
-    dest: Annotated[
-        Path | None, typer.Argument(help="file or folder to write (default: the current folder)")
-    ] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing file")] = False,
-) -> None:
-    """Write an editable copy of a shipped recipe that works where it is written.
-
-    Example: oasst-peft recipes copy demo-smollm2 my-demo.yaml
-    """
-    from oasst_peft.shipped import copy_recipe
-
-    path = copy_recipe(name, dest, overwrite=overwrite)
-    _say(f"wrote {path}; train it with: oasst-peft train {path}")
+# The commands that only look (data, plan, recipes) live in cli_inspect.
+app.add_typer(cli_inspect.data_app, name="data")
+app.command()(cli_inspect.plan)
+app.add_typer(cli_inspect.recipes_app, name="recipes")
 
 
 def main(argv: list[str] | None = None) -> None:
