@@ -22,6 +22,9 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m 'not slow and not realmodel and not gpu'
 
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m 'slow and not realmodel and not gpu'
+
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q
 
@@ -32,4 +35,4 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-.PHONY: install test test-all demo lint
+.PHONY: install test test-slow test-all demo lint

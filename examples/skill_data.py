@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import uuid
 from pathlib import Path
@@ -51,6 +52,14 @@ CONVERT = [
     "Please express {n} {frm} in {to}.",
 ]
 FOLLOW_UP = ["And if you double that?", "Now double the result.", "What is twice that number?"]
+# Wordings that never occur in training: held-out questions asked these ways test the operation, not
+# the memorised sentence.
+NEW_WORDINGS = {
+    "add": ["If I have {a} and get {b} more, how many is that?", "Find the total of {a} and {b}."],
+    "sub": ["Take {b} away from {a}: what is left?", "Find the difference between {a} and {b}."],
+    "mul": ["What is the product of {a} and {b}?", "Give me {a} multiplied by {b}."],
+    "convert": ["Turn {n} {frm} into {to}.", "What is {n} {frm} when written in {to}?"],
+}
 
 
 def answer(n: int) -> str:
@@ -58,22 +67,25 @@ def answer(n: int) -> str:
     return f"The answer is {n}."
 
 
-def make_question(rng: random.Random) -> tuple[str, int]:
-    """One question and its integer answer."""
+def make_question(rng: random.Random, new_wording: bool = False) -> tuple[str, int]:
+    """One question and its integer answer; ``new_wording``: phrased as training never phrases it."""
     kind = rng.choice(["add", "sub", "mul", "convert"])
+    forms = (
+        NEW_WORDINGS[kind] if new_wording else {"add": ADD, "sub": SUB, "mul": MUL, "convert": CONVERT}[kind]
+    )
     if kind == "add":
         a, b = rng.randint(10, 999), rng.randint(10, 999)
-        return rng.choice(ADD).format(a=a, b=b), a + b
+        return rng.choice(forms).format(a=a, b=b), a + b
     if kind == "sub":
         a = rng.randint(100, 999)
         b = rng.randint(10, a)
-        return rng.choice(SUB).format(a=a, b=b), a - b
+        return rng.choice(forms).format(a=a, b=b), a - b
     if kind == "mul":
         a, b = rng.randint(2, 99), rng.randint(2, 9)
-        return rng.choice(MUL).format(a=a, b=b), a * b
+        return rng.choice(forms).format(a=a, b=b), a * b
     frm, to, factor = rng.choice(CONVERSIONS)
     n = rng.randint(2, 50)
-    return rng.choice(CONVERT).format(n=n, frm=frm, to=to), n * factor
+    return rng.choice(forms).format(n=n, frm=frm, to=to), n * factor
 
 
 def _node(rng: random.Random, text: str, role: str, parent: str | None, rank: int | None = None) -> dict:
@@ -105,15 +117,20 @@ def make_tree(rng: random.Random) -> dict:
     return {"message_tree_id": root["message_id"], "tree_state": "ready_for_export", "prompt": root}
 
 
-def heldout(rng: random.Random, n: int, seen: set[str]) -> list[dict]:
-    """``n`` questions not in ``seen``, each with its expected reply."""
+def heldout(rng: random.Random, n: int, seen: set[str], new_wordings: float = 0.0) -> list[dict]:
+    """``n`` questions not in ``seen``, each with its expected reply; the first ``new_wordings`` share of them
+    (rounded up) in wordings training never uses (``"new_wording": true`` on those rows)."""
     out = []
+    fresh = math.ceil(n * new_wordings)
     while len(out) < n:
-        q, v = make_question(rng)
+        novel = len(out) < fresh
+        q, v = make_question(rng, new_wording=novel)
         if q in seen:
             continue
         seen.add(q)
-        out.append({"messages": [{"role": "user", "content": q}], "expected": answer(v)})
+        out.append(
+            {"messages": [{"role": "user", "content": q}], "expected": answer(v), "new_wording": novel}
+        )
     return out
 
 

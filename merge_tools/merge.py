@@ -194,7 +194,19 @@ def merge(
 
 def _existing_parent(out: Path) -> Path:
     parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
+    above = parent
+    while not above.exists():  # the nearest folder that exists must be a folder, and writable
+        above = above.parent
+    if not above.is_dir():
+        raise MergeError(
+            f"--out: {above} is a file, so {out} cannot be created under it; choose another --out"
+        )
+    if not os.access(above, os.W_OK):
+        raise MergeError(f"--out: {above} is not writable; choose another --out")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MergeError(f"--out: cannot create {parent} ({e.strerror or e}); choose another --out") from None
     return parent
 
 

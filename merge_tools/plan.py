@@ -22,6 +22,7 @@ from merge_tools.lora import merge_embedding, merge_linear, nf4_roundtrip, set_r
 from merge_tools.names import NameResolver
 from merge_tools.qlora import NF4Settings
 from merge_tools.signature import first_mismatch
+from merge_tools.stream import BufferPool, FileRange, lora_rows_into, write_jobs
 
 
 @dataclass
@@ -273,16 +274,30 @@ def _row_chunks(n_rows: int, row_elems: int) -> Iterator[tuple[int, int]]:
 
 
 def produce(
-    job: TensorJob, store: TensorStore, *, nf4: NF4Settings | None = None, fan_in_fan_out: bool = False
-) -> Iterator[torch.Tensor]:
-    """The merged tensor, as chunks whose bytes concatenate to the output tensor."""
+    job: TensorJob,
+    store: TensorStore,
+    *,
+    nf4: NF4Settings | None = None,
+    fan_in_fan_out: bool = False,
+    pool: BufferPool | None = None,
+) -> Iterator[torch.Tensor | FileRange]:
+    """The merged tensor, as chunks whose bytes concatenate to the output tensor.
+
+    With a ``pool`` (``write_shards``), LoRA row blocks are pooled buffers the consumer must give back,
+    and unchanged tensors of a safetensors base come as ``FileRange``s to copy file to file.
+    """
     if job.whole and _by_rows(job, fan_in_fan_out):
-        yield from _lora_rows(job, store)
+        yield from _lora_rows(job, store, pool)
         return
     if job.whole:
         yield _whole(job, store, nf4, fan_in_fan_out).to(job.out_dtype)
         return
     if not job.changed:
+        if pool is not None and job.src_dtype == job.out_dtype and isinstance(store, ShardedStore):
+            f = store.file_of(job.name)
+            info = f.tensors[job.name]
+            yield FileRange(f.path, info.start, info.nbytes)
+            return
         yield from _copy(job, store)
         return
     row_elems = numel(job.out_shape[1:])
@@ -309,9 +324,14 @@ def _by_rows(job: TensorJob, fan_in_fan_out: bool) -> bool:
     )
 
 
-def _lora_rows(job: TensorJob, store: TensorStore) -> Iterator[torch.Tensor]:
+def _lora_rows(job: TensorJob, store: TensorStore, pool: BufferPool | None) -> Iterator[torch.Tensor]:
     lm = job.lora
     A, B = lm.A.float(), lm.B.float()
+    if pool is not None and isinstance(store, ShardedStore) and job.src_dtype.is_floating_point:
+        f = store.file_of(job.name)
+        for a, b in _row_chunks(job.src_shape[0], job.src_shape[1]):
+            yield lora_rows_into(pool, f, job, A, B, a, b)
+        return
     for a, b in _row_chunks(job.src_shape[0], job.src_shape[1]):
         magnitude = lm.magnitude[a:b] if lm.magnitude is not None else None
         W = store.read_rows(job.name, a, b)
@@ -401,33 +421,8 @@ def write_shards(
     jobs: list[TensorJob], folder, max_bytes: int, store: TensorStore, say=None, **produce_kwargs
 ) -> tuple[dict[str, str], int]:
     """Write the jobs as HF safetensors shards (``model-0000i-of-0000n``) in ``folder``; returns (weight_map, bytes)."""
-    from pathlib import Path
 
-    from merge_tools.io import SafetensorsWriter, human, shard_names
+    def chunks(job: TensorJob, pool: BufferPool):
+        return produce(job, store, pool=pool, **produce_kwargs)
 
-    groups: list[list[TensorJob]] = [[]]
-    size = 0
-    for job in jobs:
-        if groups[-1] and size + job.out_bytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(job)
-        size += job.out_bytes
-    names = shard_names(len(groups))
-    weight_map: dict[str, str] = {}
-    total = 0
-    for fname, group in zip(names, groups, strict=True):
-        writer = SafetensorsWriter(Path(folder) / fname, [(j.name, j.out_dtype, j.out_shape) for j in group])
-        try:
-            for job in group:
-                for chunk in produce(job, store, **produce_kwargs):
-                    writer.write(chunk)
-                weight_map[job.name] = fname
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-        total += writer.total
-        if say is not None:
-            say(f"wrote {fname} ({len(group)} tensors, {human(writer.total)})")
-    return weight_map, total
+    return write_jobs(jobs, folder, max_bytes, chunks, say=say)

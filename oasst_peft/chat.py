@@ -15,14 +15,12 @@ model saw and how many earlier messages were left out of it.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from oasst_peft import atomic
 from oasst_peft.errors import OasstError
 
 COMMANDS = "/reset (forget the conversation), /system TEXT (set the system message), /exit"
@@ -178,17 +176,7 @@ class ChatSession:
 
 def write_transcript(data: dict, path: str | Path) -> Path:
     """Write the transcript JSON atomically (a temp file beside it, then rename)."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic.write_json(path, data)
 
 
 def check_transcript_path(path: str | Path | None) -> Path | None:

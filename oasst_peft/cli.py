@@ -6,14 +6,22 @@ traceback); usage errors exit 2.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
+from oasst_peft import cli_inspect
+from oasst_peft.cli_options import (
+    Dtype,
+    RecipeArg,
+    SetOpt,
+    known_configs,
+    recipe_from,
+    say,
+)
 from oasst_peft.errors import OasstError
 
 app = typer.Typer(
@@ -21,26 +29,6 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Open-Assistant-style SFT (full, LoRA, QLoRA) from one YAML recipe, and exact adapter merges.",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Inspect a recipe's data mix before training.")
-app.add_typer(data_app, name="data")
-
-RecipeArg = Annotated[
-    Path, typer.Argument(help="recipe YAML file, or a shipped recipe's name", show_default=False)
-]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="override a recipe key by dotted path, e.g. --set peft.r=32")
-]
-
-
-def _say(line: str) -> None:
-    typer.echo(line)
-
-
-def _recipe(path: Path, overrides: list[str] | None):
-    from oasst_peft.config import load_recipe
-    from oasst_peft.shipped import find_recipe
-
-    return load_recipe(find_recipe(path), overrides or [])  # a path wins over a shipped recipe's name
 
 
 @app.command()
@@ -50,7 +38,7 @@ def train(
     output_dir: Annotated[
         str | None, typer.Option(help="write the run here instead of the recipe's output_dir")
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="stop after N optimizer steps")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="stop after N optimizer steps")] = None,
     resume: Annotated[
         str | None, typer.Option(help="continue from the latest checkpoint (bare --resume) or a named one")
     ] = None,
@@ -59,12 +47,12 @@ def train(
         bool, typer.Option(help="validate, load data and print the plan; train nothing")
     ] = False,
     nproc: Annotated[
-        int | None, typer.Option(help="processes (GPUs) per node: relaunch under torchrun")
+        int | None, typer.Option(min=1, help="processes (GPUs) per node: relaunch under torchrun")
     ] = None,
-    nnodes: Annotated[int, typer.Option(help="number of nodes")] = 1,
-    node_rank: Annotated[int, typer.Option(help="this node's rank")] = 0,
+    nnodes: Annotated[int, typer.Option(min=1, help="number of nodes")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="this node's rank")] = 0,
     master_addr: Annotated[str | None, typer.Option(help="address of node 0")] = None,
-    master_port: Annotated[int | None, typer.Option(help="port on node 0")] = None,
+    master_port: Annotated[int | None, typer.Option(min=1, max=65535, help="port on node 0")] = None,
     hostfile: Annotated[
         Path | None, typer.Option(help="DeepSpeed hostfile: relaunch under the deepspeed launcher")
     ] = None,
@@ -72,14 +60,14 @@ def train(
         bool, typer.Option(help="resume even if the recipe, data or tokenizer changed since the checkpoint")
     ] = False,
     shutdown_timeout: Annotated[
-        int, typer.Option(help="seconds the launcher gives workers to save after Ctrl-C (default 900)")
+        int, typer.Option(min=1, help="seconds the launcher gives workers to save after Ctrl-C (default 900)")
     ] = 900,
 ) -> None:
     """Train as the recipe says.
 
     Example: oasst-peft train recipes/demo-smollm2.yaml --set max_steps=20
     """
-    r = _recipe(recipe, set_)
+    r = recipe_from(recipe, set_)
     resume_arg: bool | str | None = True if resume == "latest" else resume
     if nproc is not None or hostfile or nnodes > 1:
         from oasst_peft.launch import LaunchOptions, check_options, relaunch
@@ -89,8 +77,8 @@ def train(
             from oasst_peft.train import preflight
 
             check_options(opts)
-            preflight(r, output_dir=output_dir, resume=resume_arg, overwrite=overwrite, force=force, say=_say)
-        code = relaunch(opts, sys.argv[1:], dry_run=dry_run, say=_say)
+            preflight(r, output_dir=output_dir, resume=resume_arg, overwrite=overwrite, force=force, say=say)
+        code = relaunch(opts, sys.argv[1:], dry_run=dry_run, say=say)
         if not dry_run or code:
             raise typer.Exit(code)  # a dry run goes on to print the plan below
     from oasst_peft.train import train as run_train
@@ -103,7 +91,7 @@ def train(
         dry_run=dry_run,
         overwrite=overwrite,
         force=force,
-        say=_say,
+        say=say,
     )
     if result.interrupted:
         raise typer.Exit(130)
@@ -116,12 +104,13 @@ def merge(
     ],
     out: Annotated[Path, typer.Option("--out", help="where to write the merged model")],
     base: Annotated[str | None, typer.Option(help="base model (default: the one the run recorded)")] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp16 | bf16 | fp32 (default: the base's dtype)")] = None,
+    dtype: Annotated[Dtype | None, typer.Option(help="output dtype (default: the base's dtype)")] = None,
     verify: Annotated[
         bool | None, typer.Option("--verify/--no-verify", help="compare logits with base + adapter")
     ] = None,
     qlora_base: Annotated[
-        str, typer.Option(help="dequantized-nf4 (what QLoRA training saw) | exact (the original weights)")
+        Literal["dequantized-nf4", "exact"],
+        typer.Option(help="dequantized-nf4 (what QLoRA training saw) | exact (the original weights)"),
     ] = "dequantized-nf4",
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB or 500MB")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
@@ -131,7 +120,9 @@ def merge(
     Example: oasst-peft merge runs/demo-smollm2 --out runs/demo-smollm2-merged
     """
     from merge_tools import merge as run_merge
+    from oasst_peft.model_files import check_folder
 
+    check_folder(run_or_adapter, key="merge")  # its JSON files and safetensors headers, before loading
     report = run_merge(
         run_or_adapter,
         out,
@@ -141,9 +132,9 @@ def merge(
         verify=verify,
         max_shard_size=max_shard_size,
         overwrite=overwrite,
-        say=_say,
+        say=say,
     )
-    _say(f"merged model: {report.out}. Load it with AutoModelForCausalLM.from_pretrained('{report.out}')")
+    say(f"merged model: {report.out}. Load it with AutoModelForCausalLM.from_pretrained('{report.out}')")
 
 
 @app.command()
@@ -154,7 +145,9 @@ def export(
     gguf: Annotated[
         Path, typer.Option("--gguf", help="the GGUF file to write (an Ollama Modelfile goes beside it)")
     ],
-    type_: Annotated[str, typer.Option("--type", help="f32 | f16 | bf16 | q8_0")] = "f16",
+    type_: Annotated[
+        Literal["f32", "f16", "bf16", "q8_0"], typer.Option("--type", help="tensor type")
+    ] = "f16",
     modelfile: Annotated[
         bool, typer.Option("--modelfile/--no-modelfile", help="write an Ollama Modelfile")
     ] = True,
@@ -165,8 +158,11 @@ def export(
     Example: oasst-peft export runs/demo-smollm2 --gguf runs/demo-gguf/demo.gguf --type q8_0
     """
     from oasst_peft.export import export_gguf
+    from oasst_peft.model_files import check_folder
 
-    export_gguf(src, gguf, qtype=type_, modelfile=modelfile, overwrite=overwrite, say=_say)
+    check_folder(src, key="export")  # its JSON files and safetensors headers, before reading weights
+
+    export_gguf(src, gguf, qtype=type_, modelfile=modelfile, overwrite=overwrite, say=say)
 
 
 @app.command("sample")
@@ -184,12 +180,14 @@ def sample_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="write the JSON sampling report here")] = None,
     config: Annotated[
         list[str] | None,
-        typer.Option("--config", help="greedy | typical | nucleus | beam; repeat for several"),
+        typer.Option(
+            "--config", callback=known_configs, help="greedy | typical | nucleus | beam; repeat for several"
+        ),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="reply length limit in tokens")] = 128,
-    seed: Annotated[int, typer.Option(help="seed for the sampling configs")] = 0,
-    batch_size: Annotated[int, typer.Option(help="prompts generated together (left padded)")] = 8,
-    dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: fp32 on CPU)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="reply length limit in tokens")] = 128,
+    seed: Annotated[int, typer.Option(min=0, help="seed for the sampling configs")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts generated together (left padded)")] = 8,
+    dtype: Annotated[Dtype | None, typer.Option(help="default: fp32 on CPU")] = None,
     chat_template: Annotated[
         str | None, typer.Option(help="use this template instead of the one saved with the model")
     ] = None,
@@ -198,10 +196,14 @@ def sample_cmd(
 
     Example: oasst-peft sample runs/demo-smollm2 --config greedy --config typical --out report.json
     """
+    from oasst_peft.model_files import check_folder
     from oasst_peft.sample import format_report, load_prompts, sample, write_report
 
     if out is not None and out.is_dir():
         raise OasstError(f"--out: {out} is a folder; give a file name such as report.json")
+    check_folder(model, key="sample")  # a broken run, adapter or model folder: one line before any load
+    if adapter is not None:
+        check_folder(adapter, key="--adapter")
     report = sample(
         model,
         adapter=adapter,
@@ -212,11 +214,11 @@ def sample_cmd(
         batch_size=batch_size,
         dtype=dtype,
         chat_template=chat_template,
-        say=_say,
+        say=say,
     )
     format_report(report)
     if out is not None:
-        _say(f"report: {write_report(report, out)}")
+        say(f"report: {write_report(report, out)}")
 
 
 @app.command("chat")
@@ -228,13 +230,15 @@ def chat_cmd(
         Path | None, typer.Option(help="LoRA adapter to apply on MODEL (when MODEL is a base)")
     ] = None,
     system: Annotated[str | None, typer.Option(help="system message for the conversation")] = None,
-    config: Annotated[str, typer.Option("--config", help="greedy | typical | nucleus")] = "greedy",
-    max_new_tokens: Annotated[int, typer.Option(help="reply length limit in tokens")] = 256,
+    config: Annotated[
+        Literal["greedy", "typical", "nucleus"], typer.Option("--config", help="sampling")
+    ] = "greedy",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="reply length limit in tokens")] = 256,
     transcript: Annotated[
         Path | None, typer.Option(help="keep the conversation here as JSON {'messages': [...]}")
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: fp32 on CPU)")] = None,
-    seed: Annotated[int, typer.Option(help="seed for the sampling configs")] = 0,
+    dtype: Annotated[Dtype | None, typer.Option(help="default: fp32 on CPU")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="seed for the sampling configs")] = 0,
 ) -> None:
     """Talk to a model, turn by turn, with the saved chat template; /reset, /system TEXT, /exit.
 
@@ -267,124 +271,13 @@ def report_cmd(
     from oasst_peft.curves import report
 
     for line in report(run, out=out).lines:
-        _say(line)
+        say(line)
 
 
-def _tokenized(r):
-    from oasst_peft.data.prepare import prepare_data
-    from oasst_peft.model import load_tokenizer
-
-    tokenizer, _ = load_tokenizer(r)
-    tokenized, _ = prepare_data(r, tokenizer, say=_say)
-    return tokenizer, tokenized
-
-
-@data_app.command("stats")
-def data_stats(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-) -> None:
-    """Per dataset and split: conversations, turns, tokens, trained tokens, truncated, dropped and why.
-
-    Example: oasst-peft data stats recipes/demo-smollm2.yaml --json
-    """
-    from oasst_peft.data import data_stats as compute
-    from oasst_peft.data import format_stats
-
-    _, tokenized = _tokenized(_recipe(recipe, set_))
-    stats = compute(tokenized)
-    if as_json:
-        typer.echo(json.dumps(stats, indent=2))
-    else:
-        format_stats(stats)
-
-
-@data_app.command("preview")
-def data_preview(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    n: Annotated[int, typer.Option("--n", help="how many examples")] = 3,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-) -> None:
-    """The rendered text of N examples and, token by token, which tokens carry loss.
-
-    Example: oasst-peft data preview recipes/demo-smollm2.yaml --n 2
-    """
-    from oasst_peft.data import data_preview as compute
-    from oasst_peft.data import format_preview
-
-    tokenizer, tokenized = _tokenized(_recipe(recipe, set_))
-    preview = compute(tokenized, tokenizer, n=n)
-    if as_json:
-        typer.echo(json.dumps(preview, indent=2, ensure_ascii=False))
-    else:
-        format_preview(preview)
-
-
-@app.command()
-def plan(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    gpus: Annotated[int, typer.Option(help="GPUs the run would use")] = 1,
-    gpu_mem: Annotated[float, typer.Option(help="memory per GPU in GiB")] = 24.0,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-) -> None:
-    """Parameter counts and per-GPU memory for the recipe's mode and for full/LoRA/QLoRA, ZeRO-2/3.
-
-    Example: oasst-peft plan recipes/stablelm7b-qlora.yaml --gpu-mem 24
-    """
-    from oasst_peft.plan import format_plan, plan_recipe
-
-    result = plan_recipe(_recipe(recipe, set_), gpus=gpus, gpu_mem_gib=gpu_mem)
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        format_plan(result)
-
-
-recipes_app = typer.Typer(help="The shipped recipes: list them, or copy one to edit.")
-app.add_typer(recipes_app, name="recipes")
-
-
-@recipes_app.callback(invoke_without_command=True)
-def recipes(ctx: typer.Context) -> None:
-    """List shipped recipes: name, model, mode and what each is for.
-
-    Example: oasst-peft recipes
-    """
-    if ctx.invoked_subcommand is not None:
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    from oasst_peft.config import load_recipe
-    from oasst_peft.shipped import RECIPES_DIR, recipe_description, recipe_names
-
-    table = Table("name", "model", "mode", "description")
-    for name in recipe_names():
-        path = RECIPES_DIR / f"{name}.yaml"
-        r = load_recipe(path)
-        table.add_row(name, r.model_name, r.mode, recipe_description(path))
-    Console(width=max(160, Console().width)).print(table)
-
-
-@recipes_app.command("copy")
-def recipes_copy(
-    name: Annotated[str, typer.Argument(help="a shipped recipe's name (see: oasst-peft recipes)")],
-    dest: Annotated[
-        Path | None, typer.Argument(help="file or folder to write (default: the current folder)")
-    ] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing file")] = False,
-) -> None:
-    """Write an editable copy of a shipped recipe that works where it is written.
-
-    Example: oasst-peft recipes copy demo-smollm2 my-demo.yaml
-    """
-    from oasst_peft.shipped import copy_recipe
-
-    path = copy_recipe(name, dest, overwrite=overwrite)
-    _say(f"wrote {path}; train it with: oasst-peft train {path}")
+# The commands that only look (data, plan, recipes) live in cli_inspect.
+app.add_typer(cli_inspect.data_app, name="data")
+app.command()(cli_inspect.plan)
+app.add_typer(cli_inspect.recipes_app, name="recipes")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -400,21 +293,30 @@ def main(argv: list[str] | None = None) -> None:
         if a == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
             args.insert(i + 1, "latest")
             break
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError  # (typer's bundled click)
+
+    from merge_tools.errors import MergeError  # instant: merge_tools imports torch only on use
+
     try:
-        from merge_tools import MergeError
-    except ImportError:  # pragma: no cover - merge_tools always ships with the package
-        MergeError = OasstError  # noqa: N806
-    try:
-        app(args, prog_name="oasst-peft", standalone_mode=True)
+        code = app(args, prog_name="oasst-peft", standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        typer.echo(e.format_message())
+        sys.exit(2)
+    except ClickException as e:  # a usage error (unknown option, value out of range): one line, exit 2
+        where = e.ctx.command_path if getattr(e, "ctx", None) else "oasst-peft"
+        one_line = " ".join(e.format_message().split())
+        typer.echo(f"error: {where}: {one_line} (see {where} --help)", err=True)
+        sys.exit(e.exit_code)
     except (OasstError, MergeError) as e:
         if debug:
             raise
         one_line = " ".join(str(e).splitlines())  # a message that quotes user text never spans lines
         typer.echo(f"error: {one_line}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from oasst_peft.bounds import PEFT_RANGES, QUANT_STORAGE, RANGES, SCHEDULERS, STEPS, check_range
 from oasst_peft.errors import OasstError, did_you_mean, shown
 from oasst_peft.shipped import DEEPSPEED_NAMES as SHIPPED_DEEPSPEED
 from oasst_peft.tracking import check_report_to
@@ -65,6 +66,18 @@ class PeftSection(BaseModel):
     def _alpha_positive(cls, v: float) -> float:
         if v <= 0:
             raise ValueError("must be > 0 (typical: twice r)")
+        return v
+
+    @field_validator(*PEFT_RANGES)
+    @classmethod
+    def _peft_in_range(cls, v, info):
+        return check_range(info.field_name, v, PEFT_RANGES)
+
+    @field_validator("bnb_4bit_quant_storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is not None and v not in QUANT_STORAGE:
+            raise ValueError(f"must be one of {', '.join(QUANT_STORAGE)} (or absent)")
         return v
 
     @field_validator("dropout")
@@ -213,6 +226,25 @@ class Recipe(BaseModel):
     def _epochs(cls, v: float) -> float:
         if v <= 0:
             raise ValueError("must be > 0")
+        return v
+
+    @field_validator(*RANGES)
+    @classmethod
+    def _in_range(cls, v, info):
+        return check_range(info.field_name, v)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, v: int) -> int:
+        if v != -1 and not 1 <= v <= STEPS:
+            raise ValueError(f"must be -1 (train by epochs) or between 1 and {STEPS}")
+        return v
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        if v not in SCHEDULERS:
+            raise ValueError(f"must be one of {', '.join(SCHEDULERS)}" + did_you_mean(v, SCHEDULERS))
         return v
 
     @field_validator("datasets")

@@ -14,12 +14,11 @@ turns on); the rate of each logging interval leaves the evaluation time inside i
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from oasst_peft import atomic
 from oasst_peft.errors import OasstError
 
 CURVES_FILE = "training_curves.png"
@@ -278,14 +277,8 @@ def draw(c: Curves, path: str | Path, title: str = "") -> Path:
         bits.append(_duration(c.wall_s))
     fig.suptitle("  ·  ".join(bits), fontsize=14)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
     return path
 
 
@@ -306,14 +299,8 @@ def report(run: str | Path, out: str | Path | None = None) -> Report:
 def write_state(state, out: Path) -> Path:
     """Save a Trainer's ``TrainerState`` as ``out/trainer_state.json`` (temp sibling, then renamed)."""
     path = Path(out) / STATE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".trainer_state-", suffix=".json", dir=path.parent)
-    os.close(fd)
-    try:
-        state.save_to_json(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.replacing(path) as tmp:
+        state.save_to_json(str(tmp))
     return path
 
 

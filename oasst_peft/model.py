@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from oasst_peft.boundary import user_file
 from oasst_peft.config import Recipe
 from oasst_peft.errors import OasstError
-from oasst_peft.model_info import ModelSource, hub_error, load_model_config, resolve_model_source
+from oasst_peft.model_info import MODEL_FIX, ModelSource, hub_error, load_model_config, resolve_model_source
 from oasst_peft.settings import RunSettings
-from oasst_peft.template import ChatFormat, resize_embeddings, setup_tokenizer
+from oasst_peft.template import ChatFormat, resize_embeddings, setup_tokenizer, tokenize_with_mask
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -37,17 +38,23 @@ def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
     source = resolve_model_source(recipe.tokenizer_name or recipe.model_name, recipe.recipe_dir)
-    first, kwargs = source.metadata_args
-    try:
-        tok = AutoTokenizer.from_pretrained(first, trust_remote_code=recipe.trust_remote_code, **kwargs)
-    except (OSError, ValueError) as e:
-        if source.kind == "hub":
-            raise hub_error("tokenizer", source.location, e) from None
-        raise OasstError(f"model_name: cannot load a tokenizer from {source.location}: {e}") from None
+    first, kwargs = source.metadata_args  # a GGUF: its header, no dequantizing
+    with user_file("model_name", f"the tokenizer of {source.location}", MODEL_FIX):
+        try:
+            tok = AutoTokenizer.from_pretrained(first, trust_remote_code=recipe.trust_remote_code, **kwargs)
+        except (OSError, ValueError) as e:
+            if source.kind == "hub":
+                raise hub_error("tokenizer", source.location, e) from None
+            raise OasstError(f"model_name: cannot load a tokenizer from {source.location}: {e}") from None
     template = recipe.chat_template
     if template != "oasst":
         template = str(recipe.resolve_path(template))
-    fmt = setup_tokenizer(tok, eos_token=recipe.eos_token, chat_template=template)
+    with user_file("chat_template", template, "fix the Jinja template or use chat_template: oasst"):
+        fmt = setup_tokenizer(tok, eos_token=recipe.eos_token, chat_template=template)
+        if template != "oasst":  # a syntax error or raise_exception shows now, not mid-tokenization
+            tokenize_with_mask(
+                tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+            )
     return tok, fmt
 
 
@@ -117,7 +124,8 @@ def _load_base(recipe: Recipe, dtype: str, attn: str | None, quant, config, devi
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
-        model = AutoModelForCausalLM.from_pretrained(first, **kwargs)
+        with user_file("model_name", f"the weights of {source.location}", MODEL_FIX, passes=OSError):
+            model = AutoModelForCausalLM.from_pretrained(first, **kwargs)
     except OSError as e:
         if source.kind == "hub":
             raise hub_error("model", source.location, e) from None
@@ -170,7 +178,9 @@ def wrap_lora(model, recipe: Recipe, token_ids: list[int]):
         if p.train_new_tokens and token_ids
         else None,
     )
-    return get_peft_model(model, cfg)
+    fix = "set peft.target_modules to all-linear or to module names of this model"
+    with user_file("peft.target_modules", recipe.model_name, fix):
+        return get_peft_model(model, cfg)
 
 
 @dataclass

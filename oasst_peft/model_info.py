@@ -13,7 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from oasst_peft.boundary import user_file
 from oasst_peft.errors import OasstError, Unavailable
+from oasst_peft.model_files import check_folder
 from oasst_peft.shipped import shipped_model_config
 
 # Which coefficient row a model_type uses: RMSNorm + gated MLP ("llama"), LayerNorm + 2-matrix MLP with rotary
@@ -37,7 +39,8 @@ class ModelSource:
         if self.kind == "gguf":  # read through the dequantized safetensors cache (oasst_peft.gguf_cache)
             from oasst_peft.gguf_cache import cached_model_dir
 
-            return str(cached_model_dir(self.location, say=print)), {}
+            with user_file("model_name", self.location, MODEL_FIX):  # a truncated or corrupt .gguf
+                return str(cached_model_dir(self.location, say=print)), {}
         return self.location, {}
 
     @property
@@ -53,6 +56,9 @@ class ModelSource:
             p = Path(self.location)
             return str(p.parent), {"gguf_file": p.name}
         return self.location, {}
+
+
+MODEL_FIX = "point model_name at a complete Hugging Face model folder or .gguf file (download it again)"
 
 
 def resolve_model_source(name: str, base_dir: Path | None = None) -> ModelSource:
@@ -85,6 +91,7 @@ def resolve_model_source(name: str, base_dir: Path | None = None) -> ModelSource
             raise OasstError(
                 f"model_name: {candidate} has no config.json; point at a Hugging Face model folder"
             )
+        check_folder(candidate)  # its JSON files and safetensors headers, before transformers reads them
         return ModelSource("dir", str(candidate.resolve()))
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise OasstError(f"model_name: local path not found: {name}")
@@ -225,14 +232,15 @@ def load_model_config(model_name: str, base_dir: Path | None = None, trust_remot
                 f"model_name: no shipped config for '{model_name}' and HF_HUB_OFFLINE is set; point model_name "
                 "at a local model folder or .gguf file, or add recipes/base_models/<org>__<name>/config.json"
             )
-    first, kwargs = source.metadata_args  # a GGUF's config comes from its header: no dequantizing
-    try:
-        return AutoConfig.from_pretrained(first, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as e:
-        if source.kind == "hub":
-            raise hub_error("model", source.location, e) from None
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise OasstError(f"model_name: cannot read the config of '{model_name}': {why}") from None
+    first, kwargs = source.metadata_args  # a GGUF: its header, no dequantizing
+    with user_file("model_name", f"the config of {model_name}", MODEL_FIX):
+        try:
+            return AutoConfig.from_pretrained(first, trust_remote_code=trust_remote_code, **kwargs)
+        except (OSError, ValueError) as e:
+            if source.kind == "hub":
+                raise hub_error("model", source.location, e) from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise OasstError(f"model_name: cannot read the config of '{model_name}': {why}") from None
 
 
 def params_from_config(config) -> int:

@@ -80,15 +80,20 @@ _installed: list[tuple[logging.Logger, logging.Filter]] = []
 
 
 def install() -> None:
-    """Hide the HARMLESS messages (once per process; no-op when OASST_PEFT_ALL_WARNINGS=1)."""
-    if _installed or os.environ.get(SHOW_ALL_ENV, "") not in ("", "0"):
+    """Hide the HARMLESS messages (logger filters once per process; nothing when OASST_PEFT_ALL_WARNINGS=1)."""
+    if os.environ.get(SHOW_ALL_ENV, "") not in ("", "0"):
+        return
+    for h in (
+        HARMLESS
+    ):  # every call: warnings.catch_warnings may have reset the filters (an identical one is replaced)
+        if h.logger is None:
+            warnings.filterwarnings("ignore", message=h.message, category=h.category, module=h.module)
+    if _installed:
         return
     by_logger: dict[str, list[re.Pattern]] = {}
     for h in HARMLESS:
         if h.logger is not None:
             by_logger.setdefault(h.logger, []).append(re.compile(h.message))
-        else:
-            warnings.filterwarnings("ignore", message=h.message, category=h.category, module=h.module)
     for name, patterns in by_logger.items():
         logger, flt = logging.getLogger(name), _DropHarmless(patterns)
         logger.addFilter(flt)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
+from oasst_peft import atomic
 from oasst_peft.errors import OasstError, did_you_mean
 from oasst_peft.sampler import load_sampler
 from oasst_peft.template import ROLES, WIDGET_PROMPTS
@@ -260,16 +260,7 @@ def write_report(report: dict, path: str | Path) -> Path:
         raise OasstError(f"--out: {p} is a folder; give a file name such as report.json")
     if not p.parent.is_dir():
         raise OasstError(f"--out: folder {p.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic.write_json(p, report)
 
 
 def _last_user(messages: list[dict]) -> str:

@@ -13,6 +13,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 
+from oasst_peft import schedule
 from oasst_peft.config import Recipe
 from oasst_peft.errors import OasstError
 from oasst_peft.shipped import DeepSpeedSettings, read_deepspeed
@@ -167,13 +168,19 @@ def resolve(recipe: Recipe, say=print, dry_run: bool = False) -> tuple[Recipe, R
     """
     import torch
 
+    from oasst_peft.ds_check import check_recipe_deepspeed
+    from oasst_peft.lora_targets import check_target_modules
+
     lines: list[str] = []
 
     def tell(line: str) -> None:
         lines.append(line)
         say(line)
 
+    check_recipe_deepspeed(recipe)  # a user's DeepSpeed JSON, in one line, before anything loads
     deepspeed = read_deepspeed(recipe.deepspeed_config, recipe.recipe_dir)
+    schedule.settle(recipe, deepspeed.path, say=tell)  # the schedule that runs; a conflicting JSON refused
+    check_target_modules(recipe)  # the base's config and the LoRA targets, before data or weights
     dtype = effective_dtype(recipe, say=tell)
     recipe = settle(recipe, say=tell, dry_run=dry_run)
     attention = pick_attention(recipe, say=tell)

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from oasst_peft import batches, curves, distributed, fingerprint, schedule, settings, speed, tracking
+from oasst_peft import batches, curves, distributed, fingerprint, settings, speed, tracking
 from oasst_peft.checkpoints import (
     GracefulStop,
     LatestPointer,
@@ -27,8 +27,8 @@ from oasst_peft.config import Recipe
 from oasst_peft.data.prepare import prepare_data
 from oasst_peft.data.stats import summary_lines
 from oasst_peft.errors import OasstError, Unavailable
+from oasst_peft.locks import holds_output_dir
 from oasst_peft.run_record import RECIPE_RECORD, RUN_RECORD, RunRecord
-from oasst_peft.shipped import deepspeed_config_path
 
 
 @dataclass
@@ -74,7 +74,7 @@ def preflight(
     from oasst_peft.model import load_tokenizer
 
     out = Path(output_dir or recipe.output_dir)
-    schedule.check(recipe, deepspeed_config_path(recipe.deepspeed_config, recipe.recipe_dir))
+    settings.resolve(recipe, say=lambda _line: None)  # the workers' decisions and checks; they print them
     check_output_dir(out, resume, overwrite)
     checkpoint = resolve_resume(out, resume) if resume else None
     tokenizer, _ = load_tokenizer(recipe)
@@ -198,6 +198,7 @@ def _print_plan(recipe: Recipe, out: Path, dtype: str, tokenized, unavailable: l
     return plan
 
 
+@holds_output_dir  # one run per output dir, for the run's lifetime
 def train(
     recipe: Recipe,
     *,
@@ -222,7 +223,6 @@ def train(
     if not dry_run:
         check_output_dir(out, resume, overwrite)
     recipe, run = settings.resolve(recipe, say=say, dry_run=dry_run)  # every per-run decision, said once
-    schedule.settle(recipe, run.deepspeed_path, say=say)  # the schedule that runs; a conflicting JSON refused
     dtype = run.dtype
     tracking.prepare(recipe, out, say=say, dry_run=dry_run)  # report_to: installed, offline-first
     if dry_run:

@@ -403,7 +403,7 @@ def _(c):
 # --------------------------------------------------------------------------------------------- merge
 
 
-@case("merge-adapter-of-another-base", "was trained on another base", "pass --base")
+@case("merge-adapter-of-another-base", "the adapter was not trained on base", "pass --base")
 def _(c):
     return ["merge", c.shared["adapter_run"], "--base", c.shared["other_base"], "--out", c.run, "--no-verify"]
 

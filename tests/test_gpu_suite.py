@@ -32,7 +32,7 @@ def test_arguments_default_to_the_gpu_run_and_smoke_shrinks_it():
 def test_the_gpu_shapes_are_a_1b_llama_and_a_400m_neox():
     from transformers import GPTNeoXConfig, LlamaConfig
 
-    from oasst_peft.plan import params_from_config
+    from oasst_peft.model_info import params_from_config
 
     llama = params_from_config(LlamaConfig(vocab_size=1024, tie_word_embeddings=True, **gpu_suite.LLAMA_1B))
     neox = params_from_config(GPTNeoXConfig(vocab_size=1024, tie_word_embeddings=True, **gpu_suite.NEOX_400M))

@@ -361,15 +361,15 @@ def test_cli_sample_prints_a_table_and_writes_the_report(lora_run, tmp_path, cap
 def test_cli_sample_bad_input_is_one_line_exit_1(lora_run, tmp_path, capsys):
     from oasst_peft.cli import main
 
-    for args, needle in (
-        ([str(tmp_path / "nope")], "nope"),
-        ([str(lora_run), "--config", "wild"], "wild"),
-        ([str(lora_run), "--out", str(tmp_path)], "is a folder"),
+    for args, needle, code in (
+        ([str(tmp_path / "nope")], "nope", 1),
+        ([str(lora_run), "--config", "wild"], "wild", 2),  # refused at parse time: a usage error
+        ([str(lora_run), "--out", str(tmp_path)], "is a folder", 1),
     ):
         with pytest.raises(SystemExit) as e:
             main(["sample", *args])
         err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+        assert e.value.code == code and len(err) == 1 and err[0].startswith("error:") and needle in err[0]
 
 
 def test_sample_on_eval_recipe_key_logs_replies_during_training(tmp_path):

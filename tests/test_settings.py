@@ -51,7 +51,12 @@ def test_each_decision_is_said_once(tmp_path):
     recipe, run = settings.resolve(recipe, say=lines.append)
     assert run.dtype == "fp32" and run.weights_dtype == "fp32" and run.attention == "sdpa"
     assert run.gradient_checkpointing is False and recipe.gradient_checkpointing is False
-    assert [line.split(":")[0] for line in lines] == ["dtype", "gradient_checkpointing", "attention"]
+    assert [line.split(":")[0] for line in lines] == [
+        "schedule",
+        "dtype",
+        "gradient_checkpointing",
+        "attention",
+    ]
     assert lines == list(run.lines)
     tok2, fmt = load_tokenizer(recipe)
     after: list[str] = []

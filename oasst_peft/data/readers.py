@@ -144,7 +144,13 @@ def _csv(path: Path, problems: Problems) -> Iterator[tuple[str, object]]:
             text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
             reader = csv.DictReader(text)
             for row in reader:
-                yield f"{path}:{reader.line_num}", dict(row)
+                where = f"{path}:{reader.line_num}"
+                if None in row or None in row.values():  # a cut or shifted line: more or fewer fields
+                    problems.bad(
+                        where, f"has a different number of fields than the header ({len(reader.fieldnames)})"
+                    )
+                    continue
+                yield where, dict(row)
     except (OSError, EOFError, zlib.error) as e:
         raise _read_error(path, e) from None
     except (UnicodeDecodeError, csv.Error) as e:

@@ -17,6 +17,7 @@ and the seed), the tokenizer with its chat template, ``max_length`` and ``excess
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -32,6 +33,7 @@ import numpy as np
 from oasst_peft.data.mix import SPLITS, Mix
 from oasst_peft.data.stats import build_stats
 from oasst_peft.errors import OasstError
+from oasst_peft.locks import exclusive
 from oasst_peft.template import tokenize_with_mask
 
 CACHE_VERSION = 1
@@ -342,17 +344,29 @@ def tokenize_mix(
         raise OasstError(f"excess_length: '{excess_length}' is not one of {', '.join(POLICIES)}")
     if not tokenizer.chat_template:
         raise OasstError("the tokenizer has no chat template: call oasst_peft.template.setup_tokenizer first")
-    entry = None
-    if use_cache:
-        root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        entry = root / "tokenized" / cache_key(mix, tokenizer, max_length, excess_length)
-        if (entry / "manifest.json").is_file():
-            try:
-                parts, stats = _load_cached(entry)
-                if list(parts) == list(mix.parts):
-                    return _assemble(parts, stats, mix, entry, True)
-            except (OSError, ValueError, KeyError, FileNotFoundError):
-                shutil.rmtree(entry, ignore_errors=True)  # a damaged entry is rebuilt
+    if not use_cache:
+        return _tokenize_and_store(None, mix, tokenizer, max_length, excess_length, num_proc)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    entry = root / "tokenized" / cache_key(mix, tokenizer, max_length, excess_length)
+    with contextlib.ExitStack() as held:
+        try:  # one writer per entry: concurrent runs on the same mix wait, then reuse what the first stored
+            held.enter_context(exclusive(root / "locks" / f"{entry.name}.lock"))
+        except OSError as e:
+            raise OasstError(
+                f"cache_dir: cannot write the tokenized cache under {entry.parent} ({e.strerror or e}); "
+                "set cache_dir to a writable folder"
+            ) from None
+        return _tokenize_and_store(entry, mix, tokenizer, max_length, excess_length, num_proc)
+
+
+def _tokenize_and_store(entry, mix, tokenizer, max_length, excess_length, num_proc) -> TokenizedMix:
+    if entry is not None and (entry / "manifest.json").is_file():
+        try:
+            parts, stats = _load_cached(entry)
+            if list(parts) == list(mix.parts):
+                return _assemble(parts, stats, mix, entry, True)
+        except (OSError, ValueError, KeyError, FileNotFoundError):
+            shutil.rmtree(entry, ignore_errors=True)  # a damaged entry is rebuilt
     parts, drops = _tokenize_parts(mix, tokenizer, max_length, excess_length, num_proc)
     _check_not_emptied(parts, drops, mix, max_length, excess_length)
     stats = build_stats(mix, parts, drops)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from oasst_peft import atomic
 from oasst_peft.errors import OasstError
 from oasst_peft.export.gguf_model import (
     TYPES,
@@ -54,18 +55,6 @@ class ExportReport:
     eot: str
     merged: bool
     seconds: float
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
@@ -200,7 +189,7 @@ def _export(folder: Path, out: Path, qtype: str, modelfile: bool, say, name: str
     mf = None
     if modelfile:
         mf = out.parent / MODELFILE
-        _atomic_text(mf, modelfile_text(out.name, plan.eot))
+        atomic.write_text(mf, modelfile_text(out.name, plan.eot))
         say(f"modelfile: {mf} (ollama create NAME -f {mf}; ollama run NAME)")
     return ExportReport(
         out=out,

@@ -1,0 +1,67 @@
+"""``oasst-peft --help`` and a recipe typo answer without importing torch, transformers, TRL or peft.
+
+Each check runs in a fresh interpreter (pytest's own process has long imported torch); the timing
+against ``from trl import SFTTrainer`` is benchmarks/cli_startup.py's job, not a unit test's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "transformers", "trl", "peft", "datasets")
+
+PROBE = """
+import json, sys
+from oasst_peft.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules]}), file=sys.__stdout__)
+"""
+
+
+def _probe(*argv: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [sys.executable, "-c", PROBE % (HEAVY,), *argv], env=env, capture_output=True, text=True, timeout=60
+    )
+    return {**json.loads(res.stdout.strip().splitlines()[-1]), "stderr": res.stderr}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["merge", "--help"], []])
+def test_help_imports_no_heavy_library(argv):
+    got = _probe(*argv)
+    assert got["code"] in (0, 2) and got["heavy"] == [], got
+
+
+def test_a_recipe_typo_fails_without_importing_torch(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("model_name: some/model\ndatasets: [dolly15k]\nlearning_rat: 1.0e-5\n")
+    got = _probe("train", str(recipe))
+    assert got["code"] == 1 and got["heavy"] == [], got
+    assert "did you mean 'learning_rate'" in got["stderr"]
+
+
+def test_merge_tools_stays_lazy_and_keeps_its_names():
+    code = (
+        "import sys, merge_tools\n"
+        "from merge_tools import MergeError\n"
+        "assert 'torch' not in sys.modules\n"
+        "import merge_tools.merge as submodule_first\n"
+        "from merge_tools import merge, format_report, MergeReport, consolidate_zero_checkpoint\n"
+        "assert callable(merge) and merge.__module__ == 'merge_tools.merge', merge\n"
+        "assert merge_tools.merge is merge\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
