@@ -96,14 +96,12 @@ def evaluate(label, model, heldout, work: Path, say=print, **kwargs) -> tuple[di
 def merge_run(run: Path, out: Path, say=print, qlora: bool = False) -> str:
     """Fold the adapter into a plain HF checkpoint with ``merge_tools.merge``; returns which merger ran.
 
-    ``oasst_peft.sample`` loads a QLoRA run's base in 4-bit only on CUDA; on CPU it samples the adapter on
-    the unquantized base, so the merge it is compared with keeps the exact base weights there too.
+    ``oasst_peft.sample`` loads a QLoRA run's base in 4-bit (NF4, on the CPU too) as it was trained, so the
+    merge folds the adapter into the NF4 round trip of the base, the weights the adapter was sampled on.
     """
-    import torch
-
     from merge_tools import merge
 
-    qlora_base = "exact" if qlora and not torch.cuda.is_available() else "dequantized-nf4"
+    qlora_base = "dequantized-nf4"
     # fp32: the precision the adapter was sampled in
     merge(run, out, dtype="fp32", overwrite=True, say=say, qlora_base=qlora_base)
     return "merge_tools.merge"

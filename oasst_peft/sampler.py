@@ -1,7 +1,7 @@
 """Loading what ``sample`` generates with: a merged model, a run or adapter on its recorded base, or a base.
 
 ``load_sampler(model, adapter=...)`` finds the base from the run record (``oasst_run.json``) or the
-adapter config, loads the tokenizer with its saved chat template, the model (4-bit on a GPU when the
+adapter config, loads the tokenizer with its saved chat template, the model (4-bit NF4 when the
 run was QLoRA), grows the vocab as training did and applies the adapter. ``sample`` formats the replies.
 """
 
@@ -145,9 +145,8 @@ def _eos_ids(model_dir: Path | None, model, tokenizer) -> list[int]:
 
 
 def _qlora_config(record: RunRecord | None, dtype):
-    import torch
 
-    if not record or not record.bnb_4bit or not torch.cuda.is_available():
+    if not record or not record.bnb_4bit:  # bitsandbytes runs NF4 on the CPU too: sample what was trained
         return None
     from oasst_peft.model import TORCH_DTYPES, nf4_config
 

@@ -622,7 +622,7 @@ def test_an_error_message_with_a_line_break_is_printed_on_one_line(monkeypatch, 
     def broken(*_a, **_k):
         raise OasstError("datasets: bad value 'a\nb'\r\nfix it")
 
-    monkeypatch.setattr(cli, "_recipe", broken)
+    monkeypatch.setattr(cli, "recipe_from", broken)
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "whatever.yaml"])
     err = capsys.readouterr().err

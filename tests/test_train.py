@@ -126,6 +126,12 @@ def test_qlora_uses_4bit_linear_layers(tmp_path):
     assert math.isfinite(res.metrics["train_loss"])
     run = json.loads((res.output_dir / "oasst_run.json").read_text())
     assert run["bnb_4bit"]["quant_type"] == "nf4"
+    # Sampling samples what was trained: the adapter on the NF4 base (on the CPU too), never merged into it.
+    from oasst_peft.sampler import load_sampler
+
+    sampler = load_sampler(res.output_dir)
+    assert sampler.info["qlora_base"] == "nf4" and not sampler.info["adapter_merged"]
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in sampler.model.modules())
 
 
 def test_half_precision_on_cpu_is_downgraded_with_one_line(tmp_path):
