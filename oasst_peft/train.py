@@ -234,6 +234,10 @@ def train(
         tokenized, unavailable = (None, [])
         if tokenizer is not None:
             tokenized, unavailable = prepare_data(recipe, tokenizer, say=say, tolerate_unavailable=True)
+        else:  # no tokenizer to tokenize with: the datasets list is still checked, name by name
+            from oasst_peft.data import parse_datasets
+
+            parse_datasets(recipe.datasets, recipe.recipe_dir)
         plan = _print_plan(recipe, out, dtype, tokenized, unavailable, say)
         batching = speed.planned_batching(recipe, run)
         plan["batching"] = batching.name

@@ -222,3 +222,11 @@ def test_truncation_and_drops_are_reported_when_training_starts(tmp_path):
     recipe, _ = tiny_recipe(tmp_path / "long", "gpt_neox", "lora", max_length=256)
     train(recipe, dry_run=True, say=lines.append)
     assert not any("truncated" in line for line in lines if line.startswith("data: chat:"))
+
+
+def test_dry_run_without_a_tokenizer_still_checks_the_dataset_names(monkeypatch):
+    """Offline with a hub base, the tokenizer is unavailable; a typo in datasets: must still fail in one line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = recipe_from_dict({"model_name": "EleutherAI/pythia-12b-deduped", "datasets": ["dolly15"]})
+    with pytest.raises(OasstError, match="unknown dataset 'dolly15' \\(did you mean 'dolly15k'\\?\\)"):
+        train(recipe, dry_run=True, say=lambda _line: None)
