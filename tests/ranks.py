@@ -35,28 +35,8 @@ if "local-stop" in faults:
     from oasst_peft import checkpoints
     checkpoints.GracefulStop.shared_flag = lambda self, args: self.stopped
 if "pause" in faults and os.environ.get("RANK") == os.environ.get("FAULT_RANK"):
-    import oasst_peft.train as train_mod
-    from transformers import TrainerCallback
-    step = int(os.environ["FAULT_STEP"])
-    marker = Path(os.environ["FAULT_MARKER"])
-
-    class Pause(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                marker.write_text(str(os.getpid()))
-                go = Path(str(marker) + ".go")
-                deadline = time.time() + 120
-                while not go.exists() and time.time() < deadline:
-                    time.sleep(0.02)
-
-    make = train_mod.make_trainer
-
-    def make_trainer(**kwargs):
-        trainer = make(**kwargs)
-        trainer.add_callback(Pause())
-        return trainer
-
-    train_mod.make_trainer = make_trainer
+    from tests.pause import pause_at
+    pause_at(int(os.environ["FAULT_STEP"]), Path(os.environ["FAULT_MARKER"]))
 
 from oasst_peft.cli import main
 

@@ -46,26 +46,9 @@ step = int(os.environ.get("FAULT_STEP", "0"))
 marker = Path(os.environ.get("FAULT_MARKER", "marker"))
 
 if fault == "pause":
-    import oasst_peft.train as train_mod
-    from transformers import TrainerCallback
+    from tests.pause import pause_at
 
-    class Pause(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == step:  # inside step `step + 1`, before its forward pass
-                marker.write_text(str(os.getpid()))
-                go = Path(str(marker) + ".go")
-                deadline = time.time() + 120
-                while not go.exists() and time.time() < deadline:
-                    time.sleep(0.02)
-
-    make = train_mod.make_trainer
-
-    def make_trainer(**kwargs):
-        trainer = make(**kwargs)
-        trainer.add_callback(Pause())
-        return trainer
-
-    train_mod.make_trainer = make_trainer
+    pause_at(step, marker)
 
 elif fault == "kill-state":
     from transformers.trainer_callback import TrainerState
