@@ -15,7 +15,9 @@ import typer
 
 from oasst_peft import cli_inspect
 from oasst_peft.cli_options import (
+    AdapterOpt,
     Dtype,
+    ModelArg,
     RecipeArg,
     SetOpt,
     known_configs,
@@ -167,12 +169,8 @@ def export(
 
 @app.command("sample")
 def sample_cmd(
-    model: Annotated[
-        str, typer.Argument(help="a training run, a merged model dir, an adapter dir or a base")
-    ],
-    adapter: Annotated[
-        Path | None, typer.Option(help="LoRA adapter to apply on MODEL (when MODEL is a base)")
-    ] = None,
+    model: ModelArg,
+    adapter: AdapterOpt = None,
     prompts: Annotated[
         Path | None,
         typer.Option(help="JSONL of {'messages': [...]} or plain text lines (default: widget prompts)"),
@@ -223,12 +221,8 @@ def sample_cmd(
 
 @app.command("chat")
 def chat_cmd(
-    model: Annotated[
-        str, typer.Argument(help="a training run, a merged model dir, an adapter dir or a base")
-    ],
-    adapter: Annotated[
-        Path | None, typer.Option(help="LoRA adapter to apply on MODEL (when MODEL is a base)")
-    ] = None,
+    model: ModelArg,
+    adapter: AdapterOpt = None,
     system: Annotated[str | None, typer.Option(help="system message for the conversation")] = None,
     config: Annotated[
         Literal["greedy", "typical", "nucleus"], typer.Option("--config", help="sampling")

@@ -17,6 +17,10 @@ SetOpt = Annotated[
 ]
 
 
+ModelArg = Annotated[str, typer.Argument(help="a training run, a merged model dir, an adapter dir or a base")]
+AdapterOpt = Annotated[
+    Path | None, typer.Option(help="LoRA adapter to apply on MODEL (when MODEL is a base)")
+]
 Dtype = Literal["fp16", "bf16", "fp32"]
 SAMPLING_NAMES = ("greedy", "typical", "nucleus", "beam")  # sample.SAMPLING_CONFIGS, without importing torch
 
