@@ -135,10 +135,11 @@ def _load_reference(
         model = AutoModelForCausalLM.from_pretrained(str(base_folder), **kwargs)
     if nf4 is None:
         model.to(dev)
-    # bnb's CPU inference kernel computes in bf16; training dequantized to the compute dtype: do as training did
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+    from oasst_peft.model import exact_nf4_kernels
+
+    exact_nf4_kernels(
+        model
+    )  # as training computed: dequantize to the compute dtype, not bnb's bf16 CPU kernel
     rows = model.get_input_embeddings().weight.shape[0]
     if vocab_rows and rows != vocab_rows:
         model.resize_token_embeddings(vocab_rows, mean_resizing=False)

@@ -89,6 +89,23 @@ def nf4_config(quant_type: str, double_quant: bool, compute_dtype: str, storage:
     )
 
 
+def exact_nf4_kernels(model) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` on its dequantize-and-matmul path; returns how many.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster bf16 kernel the first time
+    the layer runs in eval mode, and the weight stays repacked after ``model.train()``. That kernel has no
+    backward: once an evaluation has run, training silently loses the gradient through every 4-bit base
+    weight, so the LoRA layers below learn from a wrong signal. It also rounds through bf16, so replies
+    would differ from what the run computed in its ``compute_dtype``. Training and sampling both call this.
+    """
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
 def quantization_config(recipe: Recipe, dtype: str, zero3: bool = False, say=print):
     """bitsandbytes 4-bit NF4 config for qlora, else None."""
     if recipe.mode != "qlora":
@@ -235,6 +252,8 @@ def load_model(
     if recipe.mode in ("lora", "qlora"):
         if recipe.mode == "qlora":
             from peft import prepare_model_for_kbit_training
+
+            exact_nf4_kernels(model)
 
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=recipe.gradient_checkpointing

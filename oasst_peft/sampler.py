@@ -210,6 +210,10 @@ def load_sampler(
     if quant is not None:
         kwargs["quantization_config"] = quant
     net = _from_pretrained(AutoModelForCausalLM, base_source, "model", **kwargs)
+    if quant is not None:
+        from oasst_peft.model import exact_nf4_kernels
+
+        exact_nf4_kernels(net)  # reply as the run computed, in its compute dtype
     gen_dir = adapter_dir if adapter_dir is not None else (path if base_source.kind == "dir" else None)
 
     template = "saved"

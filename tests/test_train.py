@@ -134,6 +134,48 @@ def test_qlora_uses_4bit_linear_layers(tmp_path):
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in sampler.model.modules())
 
 
+def _lora_grads(model, batch) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _eval_pass(model, batch) -> None:
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+
+
+def test_qlora_gradients_survive_an_evaluation(tmp_path):
+    """bitsandbytes repacks 4-bit weights for a backward-less CPU kernel during eval; training must not use it."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    from oasst_peft.model import load_model, load_tokenizer
+
+    recipe, _ = tiny_recipe(tmp_path, "llama", "qlora")
+    tok, fmt = load_tokenizer(recipe)
+    model = load_model(recipe, tok, fmt, say=lambda _: None).model
+    ids = torch.randint(5, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    before = _lora_grads(model, batch)
+    _eval_pass(model, batch)
+    after = _lora_grads(model, batch)
+    assert before.keys() == after.keys() and before
+    for name, g in before.items():
+        assert torch.allclose(g, after[name], atol=1e-6), f"{name}: gradient changed after an evaluation"
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes' repacking path (the control) does not exist")
+    # Control: bitsandbytes' default on this CPU loses the gradient through the 4-bit weights after eval.
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = True
+    _eval_pass(model, batch)
+    broken = _lora_grads(model, batch)
+    assert any(not torch.allclose(g, broken[n], atol=1e-6) for n, g in before.items())
+
+
 def test_half_precision_on_cpu_is_downgraded_with_one_line(tmp_path):
     recipe, _ = tiny_recipe(tmp_path, "gpt_neox", "lora", dtype="bf16")
     lines: list[str] = []
