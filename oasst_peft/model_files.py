@@ -126,7 +126,7 @@ def _check_adapter_targets(folder: Path, key: str) -> None:
     with safe_open(str(folder / "adapter_model.safetensors"), framework="np") as f:
         keys = f.keys()  # (a safetensors handle is not iterable)
         names = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in keys if ".lora_" in k}
-    if not names or targets is None:
+    if not names or targets is None or targets == "all-linear":  # peft's own word for every linear layer
         return
     try:
         if isinstance(targets, str):

@@ -232,3 +232,26 @@ def test_merge_into_another_base_of_the_same_shape_is_refused(runs, tmp_path):
     with pytest.raises(MergeError, match="differs from the base the adapter was trained on"):
         merge(run, tmp_path / "out", base=other, verify=False, say=lambda _m: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_saved_with_peft_all_linear_merges(runs, merged, tmp_path):
+    """``target_modules: all-linear`` (peft's own value, kept when a LoraConfig is saved unexpanded) is valid."""
+    import shutil
+
+    _, run, _ = runs["llama_tied"]
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    cfg = json.loads((copy / "adapter_config.json").read_text())
+    cfg["target_modules"] = "all-linear"
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    out = merge(copy, tmp_path / "out", verify=False, say=lambda _m: None).out
+    ids = _ids(run)
+    assert torch.equal(merged_logits(out, ids), merged_logits(merged["llama_tied"], ids))
+    from oasst_peft.errors import OasstError
+    from oasst_peft.model_files import check_folder
+
+    check_folder(copy, key="merge")  # what `oasst-peft merge` checks before loading: all-linear passes
+    cfg["target_modules"] = ["no_such_proj"]  # names the adapter holds no weights for are still refused
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(OasstError, match="matches none of the modules"):
+        check_folder(copy, key="merge")
