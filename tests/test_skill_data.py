@@ -40,3 +40,34 @@ def test_the_bundled_demo_data_is_still_what_skill_data_writes():
     made = [skill_data.make_tree(rng) for _ in range(160)]
     bundled = [json.loads(line) for line in (ROOT / "recipes/data/demo-oasst.jsonl").read_text().splitlines()]
     assert made == bundled
+
+
+def _row(hits: list[bool]) -> dict:
+    return {"exact_match": sum(hits) / len(hits), "format_adherence": 1.0, "hits": hits}
+
+
+def test_learning_benchmark_verdict_and_paired_gap():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import learning
+
+    n = 20
+    lora = [i < 8 for i in range(n)]  # 40 %
+    close = [i < 7 for i in range(n)]  # 35 %: 5 points below
+    far = [i < 5 for i in range(n)]  # 25 %
+    mean, se = learning.paired_gap(_row(far), _row(lora))
+    assert mean == -3 / n and 0 < se < 1
+    for qlora, passes in ((close, True), (far, False)):
+        result = {
+            "rows": {
+                "base, oasst prompt": _row([False] * n),
+                "base, own template": _row([False] * n),
+                "lora (adapter)": _row(lora),
+                "qlora (adapter)": _row(qlora),
+            },
+            "heldout": n,
+            "merged_identical": {"lora": n, "qlora": n},
+            "seconds": {"total": 60.0},
+        }
+        ok, line = learning.check(result)
+        assert ok is passes, line
+        assert "paired standard error" in line and ("QLoRA vs LoRA" in line) is not passes
