@@ -39,8 +39,9 @@ def build_model(folder: Path, layers: int, shard_bytes: int = 10**9) -> int:
     import torch
     from transformers import LlamaConfig
 
-    from merge_tools.io import SafetensorsWriter, shard_names, write_index
+    from merge_tools.io import shard_names, write_index
     from merge_tools.names import meta_model
+    from merge_tools.writer import SafetensorsWriter
 
     cfg = LlamaConfig(
         hidden_size=2048,
@@ -87,8 +88,8 @@ def build_adapter(folder: Path, base: Path, r: int = 64) -> int:
     import torch
     from peft import LoraConfig
 
-    from merge_tools.io import SafetensorsWriter
     from merge_tools.names import meta_model
+    from merge_tools.writer import SafetensorsWriter
 
     meta = meta_model(json.loads((base / "config.json").read_text()))
     linears = [(n, m) for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]

@@ -1,8 +1,8 @@
 """Low-memory safetensors I/O, staged output folders (temp dir beside the target, renamed at the end) and disk checks.
 
 ``SafetensorsFile`` reads one tensor, or a range of its rows, straight from the file into a fresh
-buffer (no mmap, so nothing but the tensor in hand counts against memory). ``SafetensorsWriter``
-writes a shard tensor by tensor, in chunks, after a header computed from the planned shapes.
+buffer (no mmap, so nothing but the tensor in hand counts against memory); ``merge_tools.writer``
+writes shards.
 ``staged_dir`` gives a temp folder beside ``--out`` that is renamed into place only by ``publish``;
 anything that stops the merge before that (an error, Ctrl-C, SIGTERM, a kill) leaves no ``--out``.
 """
@@ -10,7 +10,6 @@ anything that stops the merge before that (an error, Ctrl-C, SIGTERM, a kill) le
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -47,26 +46,6 @@ TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 NAMED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in NAMED_DTYPES.items()}
 CHUNK_BYTES = 16 * 2**20  # rows per read/convert step: small enough to keep peak memory flat
-WRITEBACK_BYTES = 64 * 2**20  # start the disk writing every this many bytes, not all at the final fsync
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _sync_file_range():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    return fn
-
-
-_START_WRITEBACK = _sync_file_range()
-
-
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to begin writing a file's dirty pages now (returns at once; ``fsync`` still makes it durable)."""
-    if _START_WRITEBACK is not None:
-        _START_WRITEBACK(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -145,15 +124,18 @@ class SafetensorsFile:
             )
 
     def _read_into(self, buf: torch.Tensor, offset: int) -> None:
+        """Positional reads (``preadv``) on a descriptor of this call's own: safe from several threads."""
         view = memoryview(buf.numpy()).cast("B")
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(offset)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
             got = 0
             while got < len(view):
-                n = f.readinto(view[got:])
+                n = os.preadv(fd, [view[got:]], offset + got)
                 if not n:
                     raise MergeError(f"{self.path}: file is truncated (tensor data ends early)")
                 got += n
+        finally:
+            os.close(fd)
 
     def read_rows_into(self, name: str, a: int, b: int, out: torch.Tensor) -> None:
         """Rows ``a:b`` of the tensor into ``out`` (contiguous, the tensor's dtype, ``b - a`` rows): no new memory."""
@@ -182,99 +164,6 @@ class SafetensorsFile:
         row = numel(info.shape[1:]) * element_size(info.dtype)
         raw = self.read_bytes(info.start + a * row, (b - a) * row)
         return raw.view(info.dtype).reshape((b - a, *info.shape[1:]))
-
-
-class SafetensorsWriter:
-    """Writes one safetensors file from a plan of ``(name, dtype, shape)``; tensors arrive in plan order, in chunks."""
-
-    def __init__(self, path: str | Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=None):
-        self.path = Path(path)
-        header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-        self._sizes: list[tuple[str, int]] = []
-        offset = 0
-        for name, dtype, shape in plan:
-            n = numel(shape) * element_size(dtype)
-            header[name] = {
-                "dtype": TORCH_TO_ST[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + n],
-            }
-            self._sizes.append((name, n))
-            offset += n
-        self.total = offset
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
-        self._f = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
-        self._write_all(memoryview(struct.pack("<Q", len(raw)) + raw))
-        self._index = 0
-        self._written = 0  # bytes of the current tensor
-        self._unflushed = 0  # bytes written since writeback was last started
-
-    def _write_all(self, view: memoryview) -> None:
-        done = 0
-        while done < len(view):
-            done += self._f.write(view[done:])
-
-    def _check(self, n: int) -> None:
-        """Refuse ``n`` more bytes when the current tensor (or the plan) has no room for them."""
-        if self._index >= len(self._sizes):
-            raise RuntimeError(f"{self.path}: more data than planned")
-        name, size = self._sizes[self._index]
-        if self._written + n > size:
-            raise RuntimeError(f"{self.path}: tensor {name} got more bytes than its planned shape")
-
-    def _advance(self, n: int) -> None:
-        """Account for ``n`` bytes written to the current tensor (moves on to the next one when it is complete)."""
-        self._written += n
-        if self._written == self._sizes[self._index][1]:
-            self._index += 1
-            self._written = 0
-            while self._index < len(self._sizes) and self._sizes[self._index][1] == 0:
-                self._index += 1
-        self._unflushed += n
-        if self._unflushed >= WRITEBACK_BYTES:
-            start_writeback(self._f.fileno())
-            self._unflushed = 0
-
-    def write(self, chunk: torch.Tensor) -> None:
-        """Append ``chunk``'s bytes to the current tensor (moves on to the next one when it is complete)."""
-        data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._check(data.nbytes)
-        self._write_all(memoryview(data))
-        self._advance(data.nbytes)
-
-    def copy_range(self, path: Path, offset: int, n: int) -> None:
-        """Append ``n`` bytes of the file ``path`` from ``offset`` to the current tensor, copied by the kernel."""
-        self._check(n)
-        with open(path, "rb", buffering=0) as src:
-            done = 0
-            while done < n:
-                step = min(n - done, 1 << 30)
-                try:
-                    got = os.copy_file_range(src.fileno(), self._f.fileno(), step, offset + done)
-                except (AttributeError, OSError):  # another filesystem or an old kernel: copy through memory
-                    src.seek(offset + done)
-                    got = len(chunk := src.read(min(step, CHUNK_BYTES)))
-                    self._write_all(memoryview(chunk))
-                if not got:
-                    raise MergeError(f"{path}: file is truncated (tensor data ends early)")
-                done += got
-                self._advance(got)
-
-    def abort(self) -> None:
-        """Close without checks (the caller is unwinding an error)."""
-        self._f.close()
-
-    def close(self) -> None:
-        """Check every planned byte was written, then flush to disk."""
-        while self._index < len(self._sizes) and self._sizes[self._index][1] == 0:
-            self._index += 1
-        complete = self._index == len(self._sizes)
-        os.fsync(self._f.fileno())
-        self._f.close()
-        if not complete:
-            name = self._sizes[self._index][0]
-            raise RuntimeError(f"{self.path}: tensor {name} was not written completely")
 
 
 def shard_names(n: int) -> list[str]:

@@ -22,7 +22,7 @@ from merge_tools.lora import merge_embedding, merge_linear, nf4_roundtrip, set_r
 from merge_tools.names import NameResolver
 from merge_tools.qlora import NF4Settings
 from merge_tools.signature import first_mismatch
-from merge_tools.stream import BufferPool, FileRange, lora_rows_into, write_jobs
+from merge_tools.stream import FileRange, RowBlock, tile_rows, write_jobs
 
 
 @dataclass
@@ -279,21 +279,21 @@ def produce(
     *,
     nf4: NF4Settings | None = None,
     fan_in_fan_out: bool = False,
-    pool: BufferPool | None = None,
-) -> Iterator[torch.Tensor | FileRange]:
+    pipelined: bool = False,
+) -> Iterator[torch.Tensor | FileRange | RowBlock]:
     """The merged tensor, as chunks whose bytes concatenate to the output tensor.
 
-    With a ``pool`` (``write_shards``), LoRA row blocks are pooled buffers the consumer must give back,
-    and unchanged tensors of a safetensors base come as ``FileRange``s to copy file to file.
+    ``pipelined`` (``write_shards``): LoRA row blocks come as ``RowBlock``s for the writer's workers to
+    compute, and unchanged tensors of a safetensors base as ``FileRange``s to copy file to file.
     """
     if job.whole and _by_rows(job, fan_in_fan_out):
-        yield from _lora_rows(job, store, pool)
+        yield from _lora_rows(job, store, pipelined)
         return
     if job.whole:
         yield _whole(job, store, nf4, fan_in_fan_out).to(job.out_dtype)
         return
     if not job.changed:
-        if pool is not None and job.src_dtype == job.out_dtype and isinstance(store, ShardedStore):
+        if pipelined and job.src_dtype == job.out_dtype and isinstance(store, ShardedStore):
             f = store.file_of(job.name)
             info = f.tensors[job.name]
             yield FileRange(f.path, info.start, info.nbytes)
@@ -324,13 +324,14 @@ def _by_rows(job: TensorJob, fan_in_fan_out: bool) -> bool:
     )
 
 
-def _lora_rows(job: TensorJob, store: TensorStore, pool: BufferPool | None) -> Iterator[torch.Tensor]:
+def _lora_rows(job: TensorJob, store: TensorStore, pipelined: bool) -> Iterator[torch.Tensor | RowBlock]:
     lm = job.lora
     A, B = lm.A.float(), lm.B.float()
-    if pool is not None and isinstance(store, ShardedStore) and job.src_dtype.is_floating_point:
+    if pipelined and isinstance(store, ShardedStore) and job.src_dtype.is_floating_point:
         f = store.file_of(job.name)
-        for a, b in _row_chunks(job.src_shape[0], job.src_shape[1]):
-            yield lora_rows_into(pool, f, job, A, B, a, b)
+        rows, step = job.src_shape[0], tile_rows(job.src_shape[1])
+        for a in range(0, rows, step):
+            yield RowBlock(f, job, A, B, a, min(rows, a + step))
         return
     for a, b in _row_chunks(job.src_shape[0], job.src_shape[1]):
         magnitude = lm.magnitude[a:b] if lm.magnitude is not None else None
@@ -422,7 +423,7 @@ def write_shards(
 ) -> tuple[dict[str, str], int]:
     """Write the jobs as HF safetensors shards (``model-0000i-of-0000n``) in ``folder``; returns (weight_map, bytes)."""
 
-    def chunks(job: TensorJob, pool: BufferPool):
-        return produce(job, store, pool=pool, **produce_kwargs)
+    def chunks(job: TensorJob):
+        return produce(job, store, pipelined=True, **produce_kwargs)
 
     return write_jobs(jobs, folder, max_bytes, chunks, say=say)

@@ -1,16 +1,18 @@
-"""Merging at disk speed: reused buffers, a fused LoRA row kernel and a writer thread that overlaps disk and math.
+"""Merging at disk speed: LoRA row blocks computed and written by every core, each at its own file offset.
 
-Profiling a 1.1B merge (cProfile, 4-layer copy of the benchmark model) showed where the time went
-beyond the copy's: fresh tensors for every chunk (each one page-faulted in by the kernel: the rank-64
-``B @ A`` ran at a third of its speed into new memory), three passes per chunk (``B @ A``, ``* scale``,
-``W +``), and a single thread doing math, page-cache writes and a final ``fsync`` one after the other,
-so the disk sat idle while the CPU worked and the CPU while the disk flushed.
+Profiling the 1.1B merge of ``benchmarks/merge.py`` (perf, cProfile) showed where the time went beyond
+the copy's. One thread did all the math (``B @ A``, two dtype casts) while another did every write, so
+each waited on the other. The kernel's copy into the page cache (``write``) cost as much CPU as the
+``B @ A`` itself. And 16 MB blocks made every pass over a block stream through main memory.
 
-Here the main thread computes into a ``BufferPool`` (a few fixed chunk buffers, handed back by the
-writer thread once their bytes are written) with one ``addmm_`` per row block, while ``ShardPipeline``'s
-thread writes them, asks the kernel to start writeback as it goes, copies unchanged tensors file to file
-(``os.copy_file_range``, no user-space copy), and closes (fsyncs) each shard while the next is computed.
-The values are those of ``merge_tools.lora.merge_linear``: float32 math, one cast to the output dtype.
+Here the main thread only plans: it walks the tensors in shard order and reserves each chunk's place
+in its shard (``SafetensorsWriter.reserve``). Worker threads, one per core, each with torch's
+intra-op threads set to 1, take the chunks in turn. For a LoRA row block (``RowBlock``, 1 MiB of
+float32, small enough to stay in the core's cache from the read to the write) a worker reads the base
+rows, runs one ``addmm_`` and one cast, and ``pwrite``s the block at its offset. Unchanged tensors are
+copied file to file by the kernel (``os.copy_file_range``). A closer thread fsyncs each shard as soon
+as its last chunk is written, while the next shard is computed. The values are those of
+``merge_tools.lora.merge_linear``: float32 math, one cast to the output dtype.
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ import contextlib
 import os
 import queue
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from merge_tools.io import CHUNK_BYTES, SafetensorsWriter, human, shard_names
+from merge_tools.io import human, shard_names
+from merge_tools.writer import SafetensorsWriter
 
-POOL_BUFFERS = 4  # chunks in flight: one computed, up to three queued or being written
+TILE_BYTES = 2**20  # float32 bytes of one LoRA row block
+MAX_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -39,102 +42,135 @@ class FileRange:
     n: int
 
 
-class BufferPool:
-    """Fixed chunk buffers lent to the producer and returned by the writer; plus per-key scratch buffers."""
+class Scratch:
+    """One worker's reusable buffers, by name: no fresh (page-faulted) memory per block."""
 
-    def __init__(self, count: int = POOL_BUFFERS, nbytes: int = CHUNK_BYTES):
-        self.nbytes = nbytes
-        self._count = count
-        self._made: dict[int, torch.Tensor] = {}
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()
-        self._scratch: dict[str, torch.Tensor] = {}
-        self.failed: Callable[[], BaseException | None] = lambda: None
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
 
-    def take(self, n: int) -> torch.Tensor:
-        """A uint8 buffer of ``n`` bytes, owned by the caller until ``give_back`` (blocks while all are lent)."""
-        if n > self.nbytes:
-            return torch.empty(n, dtype=torch.uint8)
-        if len(self._made) < self._count and self._free.empty():
-            buf = torch.empty(self.nbytes, dtype=torch.uint8)
-            self._made[buf.data_ptr()] = buf
-            return buf[:n]
-        while True:
-            try:
-                return self._free.get(timeout=0.2)[:n]
-            except queue.Empty:
-                err = self.failed()
-                if err is not None:
-                    raise err from None
-
-    def give_back(self, chunk: torch.Tensor) -> None:
-        buf = self._made.get(chunk.untyped_storage().data_ptr())
-        if buf is not None:
-            self._free.put(buf)
-
-    def scratch(self, key: str, n: int) -> torch.Tensor:
-        """A uint8 buffer of ``n`` bytes kept for the producer's own reuse (never lent to the writer)."""
-        buf = self._scratch.get(key)
-        if buf is None or buf.numel() < n:
-            buf = self._scratch[key] = torch.empty(max(n, self.nbytes), dtype=torch.uint8)
-        return buf[:n]
+    def get(self, key: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = n * dtype.itemsize
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[key] = torch.empty(max(nbytes, TILE_BYTES), dtype=torch.uint8)
+        return buf[:nbytes].view(dtype)
 
 
-def lora_rows_into(
-    pool: BufferPool, f, job, A: torch.Tensor, B: torch.Tensor, a: int, b: int
-) -> torch.Tensor:
-    """Rows ``a:b`` of ``W + scale * B @ A`` (DoRA-normalised when the module has a magnitude), cast once.
+def tile_rows(cols: int) -> int:
+    """Rows of a LoRA row block for a weight of ``cols`` columns."""
+    return max(1, TILE_BYTES // max(1, cols * 4))
 
-    ``f`` is the base's ``SafetensorsFile``; returns a pooled tensor the writer gives back.
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``a:b`` of ``W + scale * B @ A`` (DoRA-normalised when the module has a magnitude), computed by a worker.
+
+    ``f`` is the base's ``SafetensorsFile``, ``job`` the tensor's plan entry (``merge_tools.plan.TensorJob``).
     """
-    lm = job.lora
-    n, cols = b - a, job.src_shape[1]
-    w = pool.scratch("w32", n * cols * 4).view(torch.float32).view(n, cols)
-    if job.src_dtype == torch.float32:
-        f.read_rows_into(job.name, a, b, w)
-    else:
-        raw = pool.scratch("src", n * cols * job.src_dtype.itemsize).view(job.src_dtype).view(n, cols)
-        f.read_rows_into(job.name, a, b, raw)
-        w.copy_(raw)
-    w.addmm_(B[a:b], A, alpha=lm.scale)
-    if lm.magnitude is not None:
-        w.mul_((lm.magnitude[a:b].float() / torch.linalg.norm(w, dim=1)).view(-1, 1))
-    out = pool.take(n * cols * job.out_dtype.itemsize).view(job.out_dtype).view(n, cols)
-    out.copy_(w)
-    return out
+
+    f: object
+    job: object
+    A: torch.Tensor
+    B: torch.Tensor
+    a: int
+    b: int
+
+    @property
+    def nbytes(self) -> int:
+        return (self.b - self.a) * self.job.src_shape[1] * self.job.out_dtype.itemsize
+
+    def compute(self, scratch: Scratch) -> torch.Tensor:
+        """The block in the output dtype, in ``scratch`` (valid until the worker's next block)."""
+        job, lm = self.job, self.job.lora
+        n, cols = self.b - self.a, job.src_shape[1]
+        w = scratch.get("w32", n * cols, torch.float32).view(n, cols)
+        if job.src_dtype == torch.float32:
+            self.f.read_rows_into(job.name, self.a, self.b, w)
+        else:
+            raw = scratch.get("src", n * cols, job.src_dtype).view(n, cols)
+            self.f.read_rows_into(job.name, self.a, self.b, raw)
+            w.copy_(raw)
+        w.addmm_(self.B[self.a : self.b], self.A, alpha=lm.scale)
+        if lm.magnitude is not None:
+            w.mul_((lm.magnitude[self.a : self.b].float() / torch.linalg.norm(w, dim=1)).view(-1, 1))
+        if job.out_dtype == torch.float32:
+            return w
+        out = scratch.get("out", n * cols, job.out_dtype).view(n, cols)
+        out.copy_(w)
+        return out
+
+
+def workers() -> int:
+    """Worker threads: one per core this process may use, up to ``MAX_WORKERS``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
 
 
 class ShardPipeline:
-    """A writer thread: chunks and file ranges go to their shard's ``SafetensorsWriter``; shards close in order."""
+    """Worker threads write chunks at the places the main thread reserved; a closer thread fsyncs shards in order."""
 
-    def __init__(self, pool: BufferPool, depth: int = POOL_BUFFERS - 1):
-        self.pool = pool
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self, n_workers: int | None = None):
+        n = n_workers or workers()
+        self._q: queue.Queue = queue.Queue(maxsize=n + 2)  # bounds the memory of queued tensor chunks
+        self._closing: queue.Queue = queue.Queue()
         self._done: queue.Queue = queue.Queue()
+        self._pending: dict[int, int] = {}  # id(writer) -> chunks queued or being written
+        self._cond = threading.Condition()
         self.error: BaseException | None = None
         self._open: list[SafetensorsWriter] = []
-        pool.failed = lambda: self.error
-        self._thread = threading.Thread(target=self._run, name="merge-writer", daemon=True)
-        self._thread.start()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"merge-worker-{i}", daemon=True) for i in range(n)
+        ]
+        self._closer = threading.Thread(target=self._close_in_order, name="merge-closer", daemon=True)
+        for t in (*self._workers, self._closer):
+            t.start()
 
-    def _run(self) -> None:
+    def _fail(self, e: BaseException) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = e
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        scratch = Scratch()
         while True:
             item = self._q.get()
             if item is None:
                 return
-            if self.error is not None:
-                continue  # drain after a failure; the main thread raises it
-            op, writer, payload = item
+            op, writer, at, payload = item
             try:
-                if op == "chunk":
-                    writer.write(payload)
-                    self.pool.give_back(payload)
-                elif op == "range":
-                    writer.copy_range(payload.path, payload.offset, payload.n)
-                else:
-                    writer.close()
-                    self._done.put(writer)
+                if self.error is None:
+                    if op == "block":
+                        data = payload.compute(scratch)
+                        writer.write_at(data, at)
+                    elif op == "range":
+                        writer.copy_range(payload.path, payload.offset, payload.n, at=at)
+                    else:
+                        writer.write_at(payload, at)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                self.error = e
+                self._fail(e)
+            finally:
+                with self._cond:
+                    self._pending[id(writer)] -= 1
+                    self._cond.notify_all()
+
+    def _close_in_order(self) -> None:
+        while True:
+            writer = self._closing.get()
+            if writer is None:
+                return
+            with self._cond:
+                self._cond.wait_for(lambda w=writer: self._pending[id(w)] == 0 or self.error is not None)
+            if self.error is not None:
+                continue
+            try:
+                writer.close()
+                self._done.put(writer)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self._fail(e)
 
     def _put(self, item) -> None:
         while True:
@@ -153,16 +189,31 @@ class ShardPipeline:
         writer = SafetensorsWriter(path, plan)
         writer.plan = plan
         self._open.append(writer)
+        self._pending[id(writer)] = 0
         return writer
 
     def submit(self, writer: SafetensorsWriter, chunk) -> None:
-        if isinstance(chunk, FileRange):
-            self._put(("range", writer, chunk))
+        """Reserve ``chunk``'s place now (plan order) and queue its writing: a ``RowBlock``, ``FileRange`` or tensor."""
+        if isinstance(chunk, RowBlock):
+            op, n = "block", chunk.nbytes
+        elif isinstance(chunk, FileRange):
+            op, n = "range", chunk.n
         else:
-            self._put(("chunk", writer, chunk))
+            op, n = "chunk", chunk.numel() * chunk.element_size()
+        at = writer.reserve(n)
+        with self._cond:
+            self._pending[id(writer)] += 1
+        try:
+            self._put((op, writer, at, chunk))
+        except BaseException:
+            with self._cond:
+                self._pending[id(writer)] -= 1
+            raise
 
     def close(self, writer: SafetensorsWriter) -> None:
-        self._put(("close", writer, None))
+        """fsync and close ``writer`` once its queued chunks are written (in the closer thread)."""
+        self._raise()
+        self._closing.put(writer)
 
     def closed(self) -> list[SafetensorsWriter]:
         """Shards whose close (fsync) finished since the last call, in order."""
@@ -174,32 +225,41 @@ class ShardPipeline:
                 return got
 
     def finish(self) -> None:
-        """Wait until every queued write and close is done; raise the writer thread's error if it had one."""
-        self._put(None)
-        self._thread.join()
+        """Wait until every queued write and close is done; raise a worker's error if one had one."""
+        for _ in self._workers:
+            self._put(None)
+        for t in self._workers:
+            t.join()
+        self._closing.put(None)
+        self._closer.join()
         self._raise()
 
     def abort(self) -> None:
-        """Stop the thread (queued work is dropped) and close every open file unchecked."""
-        if self.error is None:
-            self.error = RuntimeError("merge aborted")
+        """Stop the threads (queued work is dropped) and close every open file unchecked."""
+        self._fail(RuntimeError("merge aborted"))
         while True:
             try:
-                self._q.get_nowait()
+                item = self._q.get_nowait()
             except queue.Empty:
                 break
-        with contextlib.suppress(queue.Full):
-            self._q.put_nowait(None)
-        self._thread.join(timeout=30)
+            if item is not None:
+                with self._cond:
+                    self._pending[id(item[1])] -= 1
+        for _ in self._workers:
+            with contextlib.suppress(queue.Full):
+                self._q.put_nowait(None)
+        self._closing.put(None)
+        for t in (*self._workers, self._closer):
+            t.join(timeout=30)
         for w in self._open:
             w.abort()
 
 
 def write_jobs(jobs: list, folder, max_bytes: int, chunks, say=None) -> tuple[dict[str, str], int]:
-    """Group ``jobs`` into shards of at most ``max_bytes`` and write them; ``chunks(job, pool)`` yields each one's bytes.
+    """Group ``jobs`` into shards of at most ``max_bytes`` and write them; ``chunks(job)`` yields each one's pieces.
 
     Returns (weight_map, total bytes). Every shard is fsynced before this returns; on any error (or
-    Ctrl-C) the writer thread is stopped and the files are closed unchecked.
+    Ctrl-C) the threads are stopped and the files are closed unchecked.
     """
     groups: list[list] = [[]]
     size = 0
@@ -211,10 +271,9 @@ def write_jobs(jobs: list, folder, max_bytes: int, chunks, say=None) -> tuple[di
         size += job.out_bytes
     weight_map: dict[str, str] = {}
     total = 0
-    pool = BufferPool()
-    pipe = ShardPipeline(pool)
     threads = torch.get_num_threads()
-    torch.set_num_threads(math_threads(threads))
+    torch.set_num_threads(1)  # parallel across blocks, one core each: no intra-op thread spinning
+    pipe = ShardPipeline()
 
     def report_closed() -> None:
         for w in pipe.closed():
@@ -225,7 +284,7 @@ def write_jobs(jobs: list, folder, max_bytes: int, chunks, say=None) -> tuple[di
         for fname, group in zip(shard_names(len(groups)), groups, strict=True):
             writer = pipe.open(Path(folder) / fname, [(j.name, j.out_dtype, j.out_shape) for j in group])
             for job in group:
-                for chunk in chunks(job, pool):
+                for chunk in chunks(job):
                     pipe.submit(writer, chunk)
                 weight_map[job.name] = fname
             pipe.close(writer)
@@ -239,12 +298,3 @@ def write_jobs(jobs: list, folder, max_bytes: int, chunks, say=None) -> tuple[di
         torch.set_num_threads(threads)
     report_closed()
     return weight_map, total
-
-
-def math_threads(threads: int) -> int:
-    """Threads for the merge math: all but one core, which the writer thread keeps busy with I/O.
-
-    Measured on the 2-core machine (4-layer copy of the benchmark model, under load): one math thread used
-    1.85 s of CPU and 7-8 s wall, two used 3.0 s and 11-17 s (the second spun waiting for the busy core).
-    """
-    return max(1, min(threads, os.cpu_count() or 1) - 1)

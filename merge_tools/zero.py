@@ -171,7 +171,7 @@ def consolidate_zero_checkpoint(
 def extract_adapter(checkpoint_dir: str | Path, folder: str | Path) -> Path:
     """A peft adapter folder rebuilt from a LoRA/QLoRA ZeRO checkpoint: the LoRA weights and trained token rows."""
     from merge_tools.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-    from merge_tools.io import SafetensorsWriter
+    from merge_tools.writer import SafetensorsWriter
 
     checkpoint_dir, folder = Path(checkpoint_dir), Path(folder)
     state = zero_state_dict(checkpoint_dir)

@@ -70,18 +70,17 @@ elif fault == "kill-state":
     TrainerState.save_to_json = save_to_json
 
 elif fault == "kill-merge":
-    from merge_tools.io import SafetensorsWriter
+    from merge_tools.writer import SafetensorsWriter
 
-    write = SafetensorsWriter.write
+    write_at = SafetensorsWriter.write_at
 
-    def write_then_die(self, chunk):
-        write(self, chunk)
-        self._f.flush()
-        os.fsync(self._f.fileno())
+    def write_then_die(self, chunk, offset):
+        write_at(self, chunk, offset)
+        os.fsync(self._fd)
         marker.write_text(str(self.path))
         os.kill(os.getpid(), signal.SIGKILL)
 
-    SafetensorsWriter.write = write_then_die
+    SafetensorsWriter.write_at = write_then_die
 
 from oasst_peft.cli import main
 

@@ -15,13 +15,13 @@ from safetensors.torch import load_file, save_file
 from merge_tools.errors import MergeError
 from merge_tools.io import (
     SafetensorsFile,
-    SafetensorsWriter,
     check_free_disk,
     check_out,
     parse_size,
     remove_stale_partials,
     staged_dir,
 )
+from merge_tools.writer import SafetensorsWriter
 
 
 def test_reader_reads_tensors_and_row_ranges(tmp_path):
