@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -126,19 +127,21 @@ def peft_merge(base: str, adapter: str, out: str) -> None:
     merged.save_pretrained(out)
 
 
-def timed_child(cmd: list[str], env: dict) -> tuple[float, int, float]:
+def timed_child(cmd: list[str], env: dict) -> tuple[float, int, float, str]:
     """Run ``cmd`` under a tiny wrapper that reports the child's own rusage (wait4 on its pid)."""
     wrapper = (
-        "import os, subprocess, sys, time, json\n"
+        "import os, subprocess, sys, tempfile, time, json\n"
         "t = time.perf_counter()\n"
-        "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+        "log = tempfile.TemporaryFile()\n"
+        "p = subprocess.Popen(sys.argv[1:], stdout=log, stderr=subprocess.PIPE)\n"
         "err = p.stderr.read()\n"
         "_, status, ru = os.wait4(p.pid, 0)\n"
         "code = os.waitstatus_to_exitcode(status)\n"
+        "log.seek(0); out = log.read()\n"
         "if code:\n"
         "    sys.stderr.write(err.decode()[-3000:]); sys.exit(code)\n"
         "print(json.dumps({'wall': time.perf_counter() - t, 'rss': ru.ru_maxrss * 1024,"
-        " 'cpu': ru.ru_utime + ru.ru_stime}))\n"
+        " 'cpu': ru.ru_utime + ru.ru_stime, 'stdout': out.decode(errors='replace')[-2000:]}))\n"
     )
     res = subprocess.run(
         [sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env, cwd=ROOT
@@ -146,7 +149,7 @@ def timed_child(cmd: list[str], env: dict) -> tuple[float, int, float]:
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:5])} failed:\n{res.stderr[-3000:]}")
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    return got["wall"], got["rss"], got["cpu"]
+    return got["wall"], got["rss"], got["cpu"], got["stdout"]
 
 
 def warm(folder: Path) -> None:
@@ -273,12 +276,18 @@ def main() -> int:
             warm(base)
             os.sync()  # the other run's dirty pages are not this one's to flush
             load = os.getloadavg()[0]
-            wall, rss, cpu = timed_child(cmd, env)
+            wall, rss, cpu, stdout = timed_child(cmd, env)
             results[name] = (wall, rss)
             print(
                 f"{name:>10}: wall {wall:6.1f} s   CPU {cpu:6.1f} s   peak RSS {rss / 2**30:5.2f} GiB   "
                 f"(load average {load:.1f} on {os.cpu_count()} cores)"
             )
+            inside = re.search(r"done in ([0-9.]+) s", stdout)
+            if inside:  # where the process's time went: starting Python and importing torch, or merging
+                print(
+                    f"{'':>10}  of which merge() itself {float(inside.group(1)):.1f} s; the rest is starting "
+                    f"Python, importing torch and the CLI, and exiting"
+                )
         copies.append(plain_copy())
         copy_s = sum(copies) / len(copies)
         diff, count = compare(work / "out-peft", work / "out-oasst")
