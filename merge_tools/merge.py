@@ -47,7 +47,8 @@ from merge_tools.io import (
     write_json,
     write_text,
 )
-from merge_tools.plan import build_plan, write_shards
+from merge_tools.plan import build_plan
+from merge_tools.produce import write_shards
 from merge_tools.qlora import QLORA_BASES, NF4Settings, quantized_modules
 from merge_tools.run import RECIPE_RECORD, RunInput, is_zero_checkpoint, resolve_input
 from merge_tools.verify import VerifyResult, should_verify, verify_merge

@@ -144,7 +144,8 @@ def consolidate_zero_checkpoint(
     """
     from merge_tools.files import write_small_files
     from merge_tools.io import check_out, staged_dir
-    from merge_tools.plan import build_plan, write_shards
+    from merge_tools.plan import build_plan
+    from merge_tools.produce import write_shards
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     check_out(out_dir, overwrite=False, protected=[checkpoint_dir])

@@ -309,7 +309,7 @@ def test_run_without_final_adapter_points_at_its_checkpoint(root, neox):
 _KILLABLE = """
 import sys, time
 from pathlib import Path
-import merge_tools.plan as plan
+import merge_tools.produce as plan
 
 original = plan.produce
 def slow(*args, **kwargs):
