@@ -137,9 +137,8 @@ def _load_reference(
         model.to(dev)
     from oasst_peft.model import exact_nf4_kernels
 
-    exact_nf4_kernels(
-        model
-    )  # as training computed: dequantize to the compute dtype, not bnb's bf16 CPU kernel
+    # As training computed: dequantize to the compute dtype, never bitsandbytes' bf16 CPU kernel.
+    exact_nf4_kernels(model)
     rows = model.get_input_embeddings().weight.shape[0]
     if vocab_rows and rows != vocab_rows:
         model.resize_token_embeddings(vocab_rows, mean_resizing=False)
