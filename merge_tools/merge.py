@@ -169,6 +169,7 @@ def merge(
     if qlora_base not in QLORA_BASES:
         raise MergeError(f"--qlora-base: '{qlora_base}' is not one of {', '.join(QLORA_BASES)}")
     max_bytes = parse_size(max_shard_size)
+    _check_input_files(run_or_adapter)
     run = resolve_input(run_or_adapter)
     out = Path(out).expanduser()
     scratch = _existing_parent(out) / f".{out.name}{PARTIAL}{os.getpid()}-scratch-{uuid.uuid4().hex[:8]}"
@@ -191,6 +192,17 @@ def merge(
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _check_input_files(run_or_adapter: str | Path) -> None:
+    """The input folder's JSON files and safetensors headers, before anything loads (one line if broken)."""
+    from oasst_peft.errors import OasstError
+    from oasst_peft.model_files import check_folder
+
+    try:
+        check_folder(run_or_adapter, key="merge")
+    except OasstError as e:
+        raise MergeError(str(e)) from None
 
 
 def _existing_parent(out: Path) -> Path:

@@ -122,9 +122,7 @@ def merge(
     Example: oasst-peft merge runs/demo-smollm2 --out runs/demo-smollm2-merged
     """
     from merge_tools import merge as run_merge
-    from oasst_peft.model_files import check_folder
 
-    check_folder(run_or_adapter, key="merge")  # its JSON files and safetensors headers, before loading
     report = run_merge(
         run_or_adapter,
         out,
@@ -160,9 +158,6 @@ def export(
     Example: oasst-peft export runs/demo-smollm2 --gguf runs/demo-gguf/demo.gguf --type q8_0
     """
     from oasst_peft.export import export_gguf
-    from oasst_peft.model_files import check_folder
-
-    check_folder(src, key="export")  # its JSON files and safetensors headers, before reading weights
 
     export_gguf(src, gguf, qtype=type_, modelfile=modelfile, overwrite=overwrite, say=say)
 
@@ -194,14 +189,10 @@ def sample_cmd(
 
     Example: oasst-peft sample runs/demo-smollm2 --config greedy --config typical --out report.json
     """
-    from oasst_peft.model_files import check_folder
     from oasst_peft.sample import format_report, load_prompts, sample, write_report
 
     if out is not None and out.is_dir():
         raise OasstError(f"--out: {out} is a folder; give a file name such as report.json")
-    check_folder(model, key="sample")  # a broken run, adapter or model folder: one line before any load
-    if adapter is not None:
-        check_folder(adapter, key="--adapter")
     report = sample(
         model,
         adapter=adapter,

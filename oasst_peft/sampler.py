@@ -178,9 +178,14 @@ def load_sampler(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from oasst_peft.model_files import check_folder
+
     torch_dtype = _torch_dtype(dtype)
     path = Path(str(model)).expanduser()
     adapter_dir = Path(adapter).expanduser() if adapter is not None else None
+    check_folder(path, key="MODEL")  # a broken run, adapter or model folder: one line before any load
+    if adapter_dir is not None:
+        check_folder(adapter_dir, key="--adapter")
     if adapter_dir is not None and not (adapter_dir / ADAPTER_CONFIG).is_file():
         what = "does not exist" if not adapter_dir.exists() else f"has no {ADAPTER_CONFIG}"
         raise OasstError(f"--adapter: {adapter_dir} {what}; point at a LoRA/QLoRA run or adapter dir")

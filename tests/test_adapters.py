@@ -255,3 +255,29 @@ def test_an_adapter_saved_with_peft_all_linear_merges(runs, merged, tmp_path):
     (copy / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(OasstError, match="matches none of the modules"):
         check_folder(copy, key="merge")
+
+
+def test_python_api_checks_the_input_files_as_the_cli_does(runs, tmp_path):
+    """merge(), load_sampler() and export_gguf() refuse a broken adapter_config.json in one line, not deep in peft."""
+    import shutil
+
+    from merge_tools import MergeError
+    from oasst_peft.errors import OasstError
+    from oasst_peft.export import export_gguf
+    from oasst_peft.sampler import load_sampler
+
+    _, run, _ = runs["llama_tied"]
+    broken = tmp_path / "run"
+    shutil.copytree(run, broken, ignore=shutil.ignore_patterns("checkpoint-*"))
+    (broken / "adapter_config.json").write_text('{"r": 16, "lora_alpha": ')
+    calls = [
+        (MergeError, lambda: merge(broken, tmp_path / "m", verify=False, say=lambda _m: None)),
+        (OasstError, lambda: load_sampler(broken)),
+        (OasstError, lambda: export_gguf(broken, tmp_path / "x.gguf", say=lambda _m: None)),
+    ]
+    for kind, call in calls:
+        with pytest.raises(kind) as e:
+            call()
+        msg = str(e.value)
+        assert "adapter_config.json" in msg and "\n" not in msg, msg
+    assert not (tmp_path / "m").exists() and not (tmp_path / "x.gguf").exists()

@@ -36,6 +36,7 @@ from oasst_peft.export.gguf_model import (
 )
 from oasst_peft.export.gguf_vocab import add_vocab, vocab_plan
 from oasst_peft.export.modelfile import modelfile_text
+from oasst_peft.model_files import check_folder
 
 MODELFILE = "Modelfile"
 
@@ -122,6 +123,7 @@ def export_gguf(
     if qtype not in TYPES:
         raise OasstError(f"--type: '{qtype}' is not one of {', '.join(TYPES)}")
     src, out = Path(src).expanduser(), Path(out).expanduser()
+    check_folder(src, key="export")  # its JSON files and safetensors headers, before reading weights
     _check_out(out, overwrite, modelfile)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
