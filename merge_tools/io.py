@@ -320,3 +320,22 @@ def staged_dir(out: Path) -> Iterator[StagedDir]:
     finally:
         if not staged.published:
             shutil.rmtree(staged.path, ignore_errors=True)
+
+
+def existing_parent(out: Path) -> Path:
+    """The folder ``out`` goes in, created if need be; one line when it cannot be (a file above it, no write access)."""
+    parent = out.resolve().parent
+    above = parent
+    while not above.exists():  # the nearest folder that exists must be a folder, and writable
+        above = above.parent
+    if not above.is_dir():
+        raise MergeError(
+            f"--out: {above} is a file, so {out} cannot be created under it; choose another --out"
+        )
+    if not os.access(above, os.W_OK):
+        raise MergeError(f"--out: {above} is not writable; choose another --out")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MergeError(f"--out: cannot create {parent} ({e.strerror or e}); choose another --out") from None
+    return parent

@@ -40,6 +40,7 @@ from merge_tools.io import (
     PARTIAL,
     check_free_disk,
     check_out,
+    existing_parent,
     human,
     parse_size,
     staged_dir,
@@ -50,7 +51,7 @@ from merge_tools.io import (
 from merge_tools.plan import build_plan
 from merge_tools.produce import write_shards
 from merge_tools.qlora import QLORA_BASES, NF4Settings, quantized_modules
-from merge_tools.run import RECIPE_RECORD, RunInput, is_zero_checkpoint, resolve_input
+from merge_tools.run import RECIPE_RECORD, RunInput, check_input_files, is_zero_checkpoint, resolve_input
 from merge_tools.verify import VerifyResult, should_verify, verify_merge
 
 MERGE_RECORD = "oasst_merge.json"
@@ -169,10 +170,10 @@ def merge(
     if qlora_base not in QLORA_BASES:
         raise MergeError(f"--qlora-base: '{qlora_base}' is not one of {', '.join(QLORA_BASES)}")
     max_bytes = parse_size(max_shard_size)
-    _check_input_files(run_or_adapter)
+    check_input_files(run_or_adapter)
     run = resolve_input(run_or_adapter)
     out = Path(out).expanduser()
-    scratch = _existing_parent(out) / f".{out.name}{PARTIAL}{os.getpid()}-scratch-{uuid.uuid4().hex[:8]}"
+    scratch = existing_parent(out) / f".{out.name}{PARTIAL}{os.getpid()}-scratch-{uuid.uuid4().hex[:8]}"
     try:
         return _merge(
             run,
@@ -192,35 +193,6 @@ def merge(
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _check_input_files(run_or_adapter: str | Path) -> None:
-    """The input folder's JSON files and safetensors headers, before anything loads (one line if broken)."""
-    from oasst_peft.errors import OasstError
-    from oasst_peft.model_files import check_folder
-
-    try:
-        check_folder(run_or_adapter, key="merge")
-    except OasstError as e:
-        raise MergeError(str(e)) from None
-
-
-def _existing_parent(out: Path) -> Path:
-    parent = out.resolve().parent
-    above = parent
-    while not above.exists():  # the nearest folder that exists must be a folder, and writable
-        above = above.parent
-    if not above.is_dir():
-        raise MergeError(
-            f"--out: {above} is a file, so {out} cannot be created under it; choose another --out"
-        )
-    if not os.access(above, os.W_OK):
-        raise MergeError(f"--out: {above} is not writable; choose another --out")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MergeError(f"--out: cannot create {parent} ({e.strerror or e}); choose another --out") from None
-    return parent
 
 
 def _merge(

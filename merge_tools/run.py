@@ -100,3 +100,14 @@ def resolve_input(path: str | Path) -> RunInput:
             "checkpoint (global_step*/); point at a training run's output folder"
         )
     return RunInput(path=p, kind=kind, record=record, recipe=recipe, recipe_text=text, run_dir=run_dir)
+
+
+def check_input_files(run_or_adapter: str | Path) -> None:
+    """The input folder's JSON files and safetensors headers, before anything loads (one line if broken)."""
+    from oasst_peft.errors import OasstError
+    from oasst_peft.model_files import check_folder
+
+    try:
+        check_folder(run_or_adapter, key="merge")
+    except OasstError as e:
+        raise MergeError(str(e)) from None
