@@ -29,7 +29,6 @@ from tests.tiny import make_model, make_tokenizer
 from tests.tiny_run import (
     conversation,
     recipe_dict,
-    write_base,
     write_conversations,
     write_jsonl,
     write_recipe,
@@ -432,15 +431,12 @@ def _(c):
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> dict:
-    from tests.merge.runs import make_base, make_run
+    from tests.merge.runs import bad_input_world, make_base
 
     tmp = tmp_path_factory.mktemp("bad-inputs")
-    base64 = make_base(tmp, "gpt_neox")
     return {
-        "base": write_base(tmp / "base"),
-        "data": write_conversations(tmp / "convs.jsonl"),
+        **bad_input_world(tmp),
         "cache": tmp / "cache",
-        "adapter_run": make_run(tmp, base64, "lora-run", steps=1),
         "other_base": make_base(tmp, "gpt_neox", seed=7),  # same shapes, other weights
     }
 

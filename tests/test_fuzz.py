@@ -18,7 +18,6 @@ import pytest
 
 from oasst_peft.cli import main
 from tests import fuzz
-from tests.tiny_run import write_base, write_conversations
 
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,15 +27,9 @@ QUICK_PROCESSES = 3
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> dict:
-    from tests.merge.runs import make_base, make_run
+    from tests.merge.runs import bad_input_world
 
-    tmp = tmp_path_factory.mktemp("fuzz")
-    base64 = make_base(tmp, "gpt_neox")
-    return {
-        "base": write_base(tmp / "base"),
-        "data": write_conversations(tmp / "convs.jsonl"),
-        "adapter_run": make_run(tmp, base64, "lora-run", steps=1),
-    }
+    return bad_input_world(tmp_path_factory.mktemp("fuzz"))
 
 
 def _snapshot(folder: Path) -> dict:

@@ -207,3 +207,15 @@ def merged_logits(folder: Path, input_ids: list[int]) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids=torch.tensor([input_ids])).logits[0].float()
+
+
+def bad_input_world(tmp: Path) -> dict:
+    """What the bad-input suites corrupt: a tiny base, conversations, and a one-step LoRA run of its own base."""
+    from tests.tiny_run import write_base, write_conversations
+
+    base = make_base(tmp, "gpt_neox")
+    return {
+        "base": write_base(tmp / "base"),
+        "data": write_conversations(tmp / "convs.jsonl"),
+        "adapter_run": make_run(tmp, base, "lora-run", steps=1),
+    }
