@@ -6,6 +6,8 @@ traceback); usage errors exit 2.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import sys
 from pathlib import Path
@@ -270,6 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     from oasst_peft import quiet
 
     quiet.install()  # hide the known-harmless library warnings (the list and reasons are in quiet.py)
+    # torch imports numpy, whose OpenBLAS starts a pool of threads that spin for a while: on 2 cores they took
+    # 0.35 s of a 3.3 s merge (benchmarks/merge.py). No command does linear algebra in numpy; set it to
+    # override.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("OASST_PEFT_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
@@ -278,6 +284,15 @@ def main(argv: list[str] | None = None) -> None:
         if a == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
             args.insert(i + 1, "latest")
             break
+    # Python's last garbage collection at exit walks every object torch and transformers created (0.25 s
+    # after `import torch` on this machine) only to free memory the process is giving back anyway. Freezing
+    # them out of it is the last exit handler (registered first), after the trackers' own.
+    atexit.register(gc.freeze)
+    sys.exit(_run(args, debug))
+
+
+def _run(args: list[str], debug: bool) -> int:
+    """The command's exit code (errors printed as one line), for ``main``."""
     from typer._click.exceptions import ClickException, NoArgsIsHelpError  # (typer's bundled click)
 
     from merge_tools.errors import MergeError  # instant: merge_tools imports torch only on use
@@ -286,22 +301,22 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args, prog_name="oasst-peft", standalone_mode=False)
     except NoArgsIsHelpError as e:
         typer.echo(e.format_message())
-        sys.exit(2)
+        return 2
     except ClickException as e:  # a usage error (unknown option, value out of range): one line, exit 2
         where = e.ctx.command_path if getattr(e, "ctx", None) else "oasst-peft"
         one_line = " ".join(e.format_message().split())
         typer.echo(f"error: {where}: {one_line} (see {where} --help)", err=True)
-        sys.exit(e.exit_code)
+        return e.exit_code
     except (OasstError, MergeError) as e:
         if debug:
             raise
         one_line = " ".join(str(e).splitlines())  # a message that quotes user text never spans lines
         typer.echo(f"error: {one_line}", err=True)
-        sys.exit(1)
+        return 1
     except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
