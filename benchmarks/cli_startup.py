@@ -1,14 +1,17 @@
-"""Benchmark: the CLI answers instantly, ``oasst-peft --help`` and a typo'd recipe vs importing TRL.
+"""Benchmark: the CLI answers instantly, ``oasst-peft --help``, a typo'd recipe and a wrong path vs importing TRL.
 
-Runs three commands as fresh processes, side by side, each ``--repeat`` times (median wall time):
+Runs these commands as fresh processes, side by side, each ``--repeat`` times (median wall time):
 
   (a) ``python -m oasst_peft.cli --help``
   (b) ``python -m oasst_peft.cli train TYPO.yaml`` where the recipe misspells ``learning_rate``
       (must exit 1 with one ``error:`` line)
-  (c) the baseline, ``python -c "from trl import SFTTrainer"``: what any command that imports torch,
+  (c) ``sample``, ``chat``, ``merge`` and ``export`` given a run folder that does not exist (each must
+      exit 1 with one ``error:`` line)
+  (d) the baseline, ``python -c "from trl import SFTTrainer"``: what any command that imports torch,
       transformers and TRL pays before it can say anything.
 
-Target: (a) and (b) each take < 0.1x of (c). Prints the figures and one summary line; exits 1 on a miss.
+Target: (a), (b) and each of (c) take < 0.1x of (d). Prints the figures and one summary line; exits 1 on
+a miss.
 
     PYTHONPATH=. python benchmarks/cli_startup.py [--repeat 5]
 """
@@ -55,14 +58,24 @@ def main() -> int:
         for argv in ([py, "-c", "from trl import SFTTrainer"], [py, "-m", "oasst_peft.cli"]):
             subprocess.run(argv, env=env, capture_output=True)
         baseline = timed([py, "-c", "from trl import SFTTrainer"], env, args.repeat, 0)
-        help_s = timed([py, "-m", "oasst_peft.cli", "--help"], env, args.repeat, 0)
-        typo_s = timed([py, "-m", "oasst_peft.cli", "train", str(typo)], env, args.repeat, 1)
+        rows = {
+            "oasst-peft --help": timed([py, "-m", "oasst_peft.cli", "--help"], env, args.repeat, 0),
+            "train typo.yaml": timed([py, "-m", "oasst_peft.cli", "train", str(typo)], env, args.repeat, 1),
+        }
+        missing = str(Path(tmp) / "runs" / "no-such-run")
+        for argv in (
+            ["sample", missing],
+            ["chat", missing],
+            ["merge", missing, "--out", str(Path(tmp) / "merged")],
+            ["export", missing, "--gguf", str(Path(tmp) / "m.gguf")],
+        ):
+            rows[f"{argv[0]} no-such-run"] = timed([py, "-m", "oasst_peft.cli", *argv], env, args.repeat, 1)
     ok = True
     print(f"baseline  python -c 'from trl import SFTTrainer': {baseline:.3f} s")
-    for name, seconds in (("oasst-peft --help", help_s), ("train typo.yaml", typo_s)):
+    for name, seconds in rows.items():
         ratio = seconds / baseline
         ok &= ratio < TARGET
-        print(f"{name:18s} {seconds:.3f} s  ratio {ratio:.3f}  (target < {TARGET})")
+        print(f"{name:20s} {seconds:.3f} s  ratio {ratio:.3f}  (target < {TARGET})")
     print(f"cli startup: {'PASS' if ok else 'FAIL'} (median of {args.repeat})")
     return 0 if ok else 1
 

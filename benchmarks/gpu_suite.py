@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import throughput_world as world  # noqa: E402
 from benchmarks import train_throughput as tt  # noqa: E402
 
 QLORA_SPEEDUP_TARGET = 1.5
@@ -82,7 +83,7 @@ def build_models(work: Path, corpus: list[str], smoke: bool, models: list[str]) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, LlamaConfig
 
-    llama = tt.write_model(work / "tok", corpus, qlora_1b=False)  # trains the tokenizer (and a tiny Llama)
+    llama = world.write_model(work / "tok", corpus, qlora_1b=False)  # trains the tokenizer (and a tiny Llama)
     tokenizer = AutoTokenizer.from_pretrained(llama)
     ids = dict(
         vocab_size=len(tokenizer),
@@ -113,7 +114,7 @@ def build_models(work: Path, corpus: list[str], smoke: bool, models: list[str]) 
 def recipe_for(
     work: Path, base: Path, data: Path, n_train: int, max_length: int, mode: str, smoke: bool
 ) -> dict:
-    d = tt.recipe_dict(work, base, data, n_train, max_length, qlora_1b=True)
+    d = world.recipe_dict(work, base, data, n_train, max_length, qlora_1b=True)
     d["output_dir"] = str(work / f"run-{base.name}-{mode}")
     d["save_strategy"] = "steps" if mode == "qlora" else "no"  # the QLoRA run is merged afterwards
     d["save_steps"] = 10**6
@@ -168,7 +169,7 @@ def train_runs(work: Path, bases: dict[str, Path], data: Path, args, device: str
     import yaml
 
     rows = []
-    n_train = args.steps * tt.BATCH
+    n_train = args.steps * world.BATCH
     for name, base in bases.items():
         for mode in args.modes:
             recipe = recipe_for(work, base, data, n_train, args.max_length, mode, args.smoke)
@@ -272,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-suite-"))
     work.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (smoke)"
-    data, corpus = tt.write_data(work, args.steps * tt.BATCH, args.max_length)
+    data, corpus = world.write_data(work, args.steps * world.BATCH, args.max_length)
     bases = build_models(work, corpus, args.smoke, args.models)
     print(
-        f"gpu_suite on {gpu}: models {', '.join(args.models)}; {args.steps} steps x {tt.BATCH} conversations"
+        f"gpu_suite on {gpu}: models {', '.join(args.models)}; {args.steps} steps x {world.BATCH} conversations"
     )
     rows = train_runs(work, bases, data, args, device)
     merged = None

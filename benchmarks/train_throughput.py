@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -54,6 +53,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.throughput_probes import flops_per_token, heldout_loss, instrument  # noqa: E402
+from benchmarks.throughput_world import BATCH, recipe_dict, write_data, write_model  # noqa: E402
+
 SPEEDUP_TARGET = 1.8  # x plain TRL
 EXPERT_TARGET = 1.0  # x the expert's TRL
 PADDING_TARGET = 0.05
@@ -62,259 +64,11 @@ PADDING_TARGET = 0.05
 # about 1 %), so a difference of one run of each within 3 % is "equal within noise".
 LOSS_TOLERANCE = 0.03
 RESULT = "RESULT "
-BATCH = 8
-HELDOUT = 48
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The data and the model (written once by the parent, read by both runs)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def words(n: int, rng) -> list[str]:
-    syllables = ["ka", "lo", "mi", "tu", "re", "sa", "no", "vi", "de", "pu", "ga", "shi", "ro", "be", "zu"]
-    out: set[str] = set()
-    while len(out) < n:
-        out.add("".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))))
-    return sorted(out)
-
-
-def conversation(rng, vocab: list[str], target_tokens: int) -> dict:
-    """User turns of random words, each answered with the same words reversed (learnable), ~target_tokens long."""
-    turns = 1 if target_tokens < 120 else rng.choice([1, 2, 3])
-    per_turn = max(4, target_tokens // (turns * 2 * 2))  # ~2 tokens per word, user + assistant
-    messages = []
-    for _ in range(turns):
-        ws = [rng.choice(vocab) for _ in range(max(2, int(per_turn * rng.uniform(0.7, 1.3))))]
-        messages.append({"role": "user", "content": "reverse: " + " ".join(ws)})
-        messages.append({"role": "assistant", "content": " ".join(reversed(ws))})
-    return {"messages": messages}
-
-
-def write_data(work: Path, n_train: int, max_length: int, seed: int = 0) -> tuple[Path, list[str]]:
-    """n_train + HELDOUT conversations in one messages-format file; the recipe's val_split holds HELDOUT out."""
-    import random
-
-    rng = random.Random(seed)
-    vocab = words(400, rng)
-
-    def length() -> int:  # oasst-like spread: many short threads, a long tail cut at max_length
-        return int(min(max_length, max(24, rng.lognormvariate(math.log(100), 0.8))))
-
-    rows = [conversation(rng, vocab, length()) for _ in range(n_train + HELDOUT)]
-    path = work / "conversations.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path, [m["content"] for r in rows[:300] for m in r["messages"]]
-
-
-def write_model(work: Path, corpus: list[str], qlora_1b: bool) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    specials = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "pad_token": "<|padding|>"}
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1024,
-        special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
-    if qlora_1b:  # TinyLlama-1.1B's shape
-        shape = dict(
-            hidden_size=2048,
-            num_hidden_layers=22,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            intermediate_size=5632,
-        )
-    else:
-        shape = dict(
-            hidden_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            intermediate_size=688,
-        )
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **shape,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if qlora_1b else torch.float32)
-    out = work / "base"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def recipe_dict(work: Path, base: Path, data: Path, n_train: int, max_length: int, qlora_1b: bool) -> dict:
-    d = {
-        "model_name": str(base),
-        "dtype": "bf16" if qlora_1b else "fp32",
-        "max_length": max_length,
-        "learning_rate": 2e-4 if qlora_1b else 3e-3,
-        "warmup_steps": 2,
-        "num_train_epochs": 1,
-        "per_device_train_batch_size": BATCH,
-        "per_device_eval_batch_size": BATCH,
-        "gradient_accumulation_steps": 1,
-        "eval_steps": 0,
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "output_dir": str(work / "run"),
-        "cache_dir": str(work / "cache"),
-        "datasets": [
-            {
-                "chat": {
-                    "data_files": str(data),
-                    "format": "messages",
-                    "val_split": HELDOUT / (n_train + HELDOUT),
-                }
-            }
-        ],
-    }
-    if qlora_1b:
-        d.update(
-            peft={"mode": "qlora", "r": 16, "alpha": 32, "dropout": 0.0},
-            gradient_checkpointing=True,
-            use_flash_attention=True,
-        )
-    return d
 
 
 # ---------------------------------------------------------------------------------------------------------
 # One run (in a subprocess)
 # ---------------------------------------------------------------------------------------------------------
-
-
-class Counting:
-    """Wraps the trainer's collator: real tokens (the examples' own), batch tokens and loss tokens per batch."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.real = 0
-        self.total = 0
-        self.loss_tokens: list[int] = []
-        self.lengths: list[int] = []
-
-    def __call__(self, examples):
-        batch = self.inner(examples)
-        self.real += sum(len(e["input_ids"]) for e in examples)
-        self.lengths += [len(e["input_ids"]) for e in examples]
-        self.total += batch["input_ids"].numel()
-        self.loss_tokens.append(int((batch["labels"][..., 1:] != -100).sum()))
-        return batch
-
-
-def _instrument(trainer, record: dict):
-    from transformers import TrainerCallback
-
-    counting = Counting(trainer.data_collator)
-    trainer.data_collator = counting
-    losses: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            _reset_peak()
-            record["rss_before_mib"] = _rss_mib()
-            record["t0"], record["cpu0"] = time.perf_counter(), time.process_time()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
-        def on_train_end(self, args, state, control, **kw):
-            record["seconds"] = time.perf_counter() - record.pop("t0")
-            record["cpu_seconds"] = time.process_time() - record.pop("cpu0")
-            record["steps"] = state.global_step
-
-    trainer.add_callback(Clock())
-    record["_counting"], record["_losses"], record["_trainer"] = counting, losses, trainer
-
-
-def _reset_peak():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def flops_per_token(model, lengths: list[int]) -> float:
-    """Training FLOPs per real token: 6 x the matmul parameters (all but the input embedding) plus causal
-    attention over each conversation's own tokens (QK^T and AV, forward and backward: 6 x layers x hidden x
-    length per token on average). Padding is not counted: this is the work the data needs."""
-    cfg = model.config
-    emb = model.get_input_embeddings().weight.numel()
-    params = sum(p.numel() for p in model.parameters()) - emb
-    per_layer_attn = 6 * cfg.num_hidden_layers * cfg.hidden_size
-    total = sum(n * 6 * params + per_layer_attn * n * n for n in lengths)
-    return total / max(1, sum(lengths))
-
-
-def matmul_gflops(device: str) -> dict:
-    """fp32 matmul throughput of one thread (CPU: pinned to one core, per CPU-second) or of the GPU."""
-    import torch
-
-    shapes = {"square 1024": (1024, 1024, 1024), "model 800x256x688": (800, 256, 688)}
-    out = {}
-    for name, (m, k, n) in shapes.items():
-        a = torch.randn(m, k, device=device)
-        b = torch.randn(k, n, device=device)
-        c = torch.empty(m, n, device=device)
-        for _ in range(3):
-            torch.mm(a, b, out=c)
-        reps = max(3, int(2e9 / (2 * m * k * n)))
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t, cpu = time.perf_counter(), time.process_time()
-        for _ in range(reps):
-            torch.mm(a, b, out=c)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t if device == "cuda" else time.process_time() - cpu
-        out[name] = 2 * m * k * n * reps / dt / 1e9
-    return out
-
-
-def heldout_loss(model, dataset, device) -> float:
-    """Token-weighted loss over the held-out conversations, one unpadded forward each."""
-    import torch
-
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for row in dataset:
-            ids = torch.tensor([row["input_ids"]], device=device)
-            mask = torch.tensor([row["assistant_masks"]], device=device)
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            labels = ids.masked_fill(mask == 0, -100)[:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)),
-                labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            total += loss.item()
-            count += int((labels != -100).sum())
-    return total / count
 
 
 def run(which: str, recipe_path: Path, core: int | None) -> dict:
@@ -339,7 +93,7 @@ def run(which: str, recipe_path: Path, core: int | None) -> dict:
 
         def make_trainer(**kwargs):  # the real train path, with the collator counted and the clock on
             trainer = make(**kwargs)
-            _instrument(trainer, record)
+            instrument(trainer, record)
             return trainer
 
         train_mod.make_trainer = make_trainer
@@ -372,7 +126,7 @@ def run(which: str, recipe_path: Path, core: int | None) -> dict:
         trainer = SFTTrainer(
             model=loaded.model, args=args, train_dataset=tokenized.train, processing_class=tokenizer
         )
-        _instrument(trainer, record)
+        instrument(trainer, record)
         trainer.train()
         record["batching"] = "length-grouped" + (", padding-free" if padding_free else "") + f" ({attn})"
     else:
@@ -391,7 +145,7 @@ def run(which: str, recipe_path: Path, core: int | None) -> dict:
         trainer = SFTTrainer(
             model=loaded.model, args=args, train_dataset=tokenized.train, processing_class=tokenizer
         )
-        _instrument(trainer, record)
+        instrument(trainer, record)
         trainer.train()
         record["batching"] = random_padded.name
     counting, losses, trainer = record.pop("_counting"), record.pop("_losses"), record.pop("_trainer")
@@ -451,7 +205,7 @@ def measure_matmul(device: str) -> dict:
     code = (
         "import json, os, sys, torch; sys.path.insert(0, sys.argv[1]);"
         "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}) if sys.argv[2] == 'cpu' else None;"
-        "torch.set_num_threads(1); from benchmarks.train_throughput import matmul_gflops;"
+        "torch.set_num_threads(1); from benchmarks.throughput_probes import matmul_gflops;"
         "print(json.dumps(matmul_gflops(sys.argv[2])))"
     )
     res = subprocess.run(

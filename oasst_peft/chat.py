@@ -225,7 +225,7 @@ def chat(
     ``interactive`` (default: stdin and stdout are terminals) streams replies and shows a prompt;
     otherwise each stdin line is a user turn, each reply is printed whole, and notices go to stderr.
     """
-    from oasst_peft.sample import generation_config, load_sampler
+    from oasst_peft.sample import check_config_name, load_sampler
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
@@ -233,7 +233,7 @@ def chat(
     if interactive is None:
         interactive = stdin.isatty() and stdout.isatty()
     out_path = check_transcript_path(transcript)
-    generation_config(config, 1, [0], 0)  # a bad --config fails before the model loads
+    check_config_name(config)  # a bad --config fails before the model loads
     if config == "beam":
         raise OasstError("--config: chat streams one reply at a time; use greedy, typical or nucleus")
 

@@ -6,13 +6,12 @@ dir, a LoRA/QLoRA run or adapter dir (its base found from ``oasst_run.json``), o
 template (the oasst one after training), left-padded into batches, and generation stops at the
 end-of-turn token of the saved generation config. The report records, per sampling config and
 prompt, the reply (special tokens removed), whether it ended with the end-of-turn token, and
-timings. ``SampleOnEvalCallback`` logs greedy replies at each evaluation during training.
+timings. ``oasst_peft.eval_samples`` uses the same generation for the replies logged at each evaluation.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -103,15 +102,20 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 # ---------------------------------------------------------------- generation
 
 
-def generation_config(name: str, max_new_tokens: int, eos_ids: list[int], pad_id: int):
-    """A fresh GenerationConfig for a named sampling config (nothing inherited from the model)."""
-    from transformers import GenerationConfig
-
+def check_config_name(name: str) -> None:
+    """One line for a sampling config name that is not one of ``SAMPLING_CONFIGS`` (before anything loads)."""
     if name not in SAMPLING_CONFIGS:
         raise OasstError(
             f"--config: unknown sampling config '{name}' (use {', '.join(SAMPLING_CONFIGS)})"
             + did_you_mean(name, SAMPLING_CONFIGS)
         )
+
+
+def generation_config(name: str, max_new_tokens: int, eos_ids: list[int], pad_id: int):
+    """A fresh GenerationConfig for a named sampling config (nothing inherited from the model)."""
+    check_config_name(name)
+    from transformers import GenerationConfig
+
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_ids,
@@ -214,8 +218,7 @@ def sample(
     """
     configs = list(configs) or ["greedy"]
     for name in configs:
-        if name not in SAMPLING_CONFIGS:
-            generation_config(name, 1, [0], 0)  # raises the one-line error
+        check_config_name(name)
     if max_new_tokens < 1:
         raise OasstError("--max-new-tokens: must be >= 1")
     prompts = [check_messages(m, f"prompts[{i}]") for i, m in enumerate(prompts or widget_prompts())]
@@ -263,7 +266,7 @@ def write_report(report: dict, path: str | Path) -> Path:
     return atomic.write_json(p, report)
 
 
-def _last_user(messages: list[dict]) -> str:
+def last_user(messages: list[dict]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
@@ -287,7 +290,7 @@ def format_report(report: dict, console=None, width: int | None = None) -> None:
         for j, (name, rows) in enumerate(report["replies"].items()):
             r = rows[i]
             table.add_row(
-                _last_user(p["messages"]) if j == 0 else "",
+                last_user(p["messages"]) if j == 0 else "",
                 name,
                 r["reply"],
                 "yes" if r["ended_with_eot"] else "no",
@@ -299,85 +302,3 @@ def format_report(report: dict, console=None, width: int | None = None) -> None:
         f"{n} {t[n]['seconds']:.1f} s ({t[n]['tokens_per_s']} tok/s)" for n in report["replies"]
     )
     console.print(f"{m['kind']} on {m['device']} ({m['dtype']}); load {t['load_s']:.1f} s; {speeds}")
-
-
-# ---------------------------------------------------------------- during training
-
-
-def _trainer_callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class SampleOnEvalCallback(_trainer_callback_base()):
-    """At each evaluation, greedy replies to the widget prompts (or ``prompts``), printed and sent to tensorboard."""
-
-    def __init__(self, tokenizer, prompts=None, max_new_tokens: int = 64, say=print, log_dir=None):
-        self.tokenizer = tokenizer
-        self.prompts = [check_messages(m, f"prompts[{i}]") for i, m in enumerate(prompts or widget_prompts())]
-        self.max_new_tokens = max_new_tokens
-        self.say = say
-        self.log_dir = log_dir
-        self.history: list[dict] = []  # {"step", "replies"} per evaluation, for tests and callers
-        self._writer = None
-        self._last_step = None
-
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
-        # With several validation sets the Trainer evaluates each in turn: sample once per step.
-        if model is None or state.global_step == self._last_step:
-            return
-        self._last_step = state.global_step
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        zero3 = is_deepspeed_zero3_enabled()
-        if not (state.is_world_process_zero or zero3):
-            return  # ZeRO-3 shards the weights: every rank must join the forward passes
-        was_training = model.training
-        model.eval()
-        try:
-            rows = generate_replies(
-                model,
-                self.tokenizer,
-                self.prompts,
-                "greedy",
-                self.max_new_tokens,
-                eos_ids=[self.tokenizer.eos_token_id],
-                batch_size=len(self.prompts),
-                seed=None,
-                synced_gpus=zero3,
-            )
-        finally:
-            model.train(was_training)
-        if not state.is_world_process_zero:
-            return
-        self.history.append({"step": state.global_step, "replies": [r["reply"] for r in rows]})
-        for m, r in zip(self.prompts, rows, strict=True):
-            end = "" if r["ended_with_eot"] else " [no end-of-turn]"
-            self.say(f"sample @ step {state.global_step}: {_last_user(m)!r} -> {r['reply']!r}{end}")
-        self._tensorboard(args, state.global_step, rows)
-
-    def _tensorboard(self, args, step: int, rows: list[dict]) -> None:
-        report_to = args.report_to if isinstance(args.report_to, list) else [args.report_to]
-        if "tensorboard" not in report_to and "all" not in report_to:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return
-        if self._writer is None:
-            log_dir = (
-                self.log_dir
-                or os.environ.get("TENSORBOARD_LOGGING_DIR")
-                or os.path.join(args.output_dir, "runs", "samples")
-            )
-            self._writer = SummaryWriter(log_dir=log_dir)
-        for i, (m, r) in enumerate(zip(self.prompts, rows, strict=True)):
-            text = f"**prompt:** {_last_user(m)}\n\n**reply:** {r['reply']}"
-            self._writer.add_text(f"samples/prompt_{i}", text, step)
-        self._writer.flush()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None

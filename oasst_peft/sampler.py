@@ -175,12 +175,8 @@ def load_sampler(
     rebuild the whole embedding matrix on every forward pass); ``merge=False`` keeps the PeftModel.
     A 4-bit QLoRA base is never merged (re-quantizing would change the weights).
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from oasst_peft.model_files import check_folder
 
-    torch_dtype = _torch_dtype(dtype)
     path = Path(str(model)).expanduser()
     adapter_dir = Path(adapter).expanduser() if adapter is not None else None
     check_folder(path, key="MODEL")  # a broken run, adapter or model folder: one line before any load
@@ -207,6 +203,11 @@ def load_sampler(
     record = run_record(adapter_dir) if adapter_dir is not None else None
     if adapter_dir is not None and base_source is None:
         base_source = _base_from_record(adapter_dir, record)
+    # torch and transformers only now: a wrong path above costs a user a fraction of a second, not 5 s
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = _torch_dtype(dtype)
     tok_dir = adapter_dir if adapter_dir is not None else None
     tokenizer = _load_tokenizer(tok_dir) if tok_dir is not None else _load_tokenizer(None, base_source)
 

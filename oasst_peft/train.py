@@ -284,7 +284,7 @@ def train(
         processing_class=tokenizer,
     )
     if recipe.sample_on_eval and has_eval and recipe.eval_steps > 0:
-        from oasst_peft.sample import SampleOnEvalCallback
+        from oasst_peft.eval_samples import SampleOnEvalCallback
 
         trainer.add_callback(SampleOnEvalCallback(tokenizer, say=say))
     stopper = GracefulStop()

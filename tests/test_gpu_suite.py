@@ -40,9 +40,9 @@ def test_the_gpu_shapes_are_a_1b_llama_and_a_400m_neox():
 
 
 def test_smoke_models_are_safetensors_on_disk(tmp_path):
-    from benchmarks import train_throughput as tt
+    from benchmarks import throughput_world
 
-    _, corpus = tt.write_data(tmp_path, 16, 64)
+    _, corpus = throughput_world.write_data(tmp_path, 16, 64)
     bases = gpu_suite.build_models(tmp_path, corpus, smoke=True, models=["llama", "neox"])
     for name, folder in bases.items():
         assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file(), name

@@ -1,4 +1,4 @@
-"""``oasst-peft --help`` and a recipe typo answer without importing torch, transformers, TRL or peft.
+"""``oasst-peft --help``, a recipe typo and a wrong path answer without importing torch, transformers, TRL or peft.
 
 Each check runs in a fresh interpreter (pytest's own process has long imported torch); the timing
 against ``from trl import SFTTrainer`` is benchmarks/cli_startup.py's job, not a unit test's.
@@ -50,6 +50,27 @@ def test_a_recipe_typo_fails_without_importing_torch(tmp_path):
     got = _probe("train", str(recipe))
     assert got["code"] == 1 and got["heavy"] == [], got
     assert "did you mean 'learning_rate'" in got["stderr"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "{missing}"],
+        ["sample", "{missing}", "--config", "greddy"],
+        ["chat", "{missing}"],
+        ["merge", "{missing}", "--out", "{tmp}/out"],
+        ["export", "{missing}", "--gguf", "{tmp}/m.gguf"],
+        ["sample", "{tmp}", "--adapter", "{missing}"],
+    ],
+    ids=["sample", "sample-config", "chat", "merge", "export", "adapter"],
+)
+def test_a_wrong_path_or_name_fails_before_the_heavy_imports(argv, tmp_path):
+    """A typo costs a fraction of a second, not the 2-6 s of importing torch and transformers first."""
+    missing = str(tmp_path / "no-such-run")
+    got = _probe(*(a.format(missing=missing, tmp=tmp_path) for a in argv))
+    assert got["code"] in (1, 2) and got["heavy"] == [], got
+    assert len(got["stderr"].strip().splitlines()) == 1, got["stderr"]
+    assert "no-such-run" in got["stderr"] or "greddy" in got["stderr"], got["stderr"]
 
 
 def test_merge_tools_stays_lazy_and_keeps_its_names():

@@ -11,9 +11,9 @@ from transformers import AutoTokenizer
 
 from oasst_peft.config import recipe_from_dict
 from oasst_peft.errors import OasstError
+from oasst_peft.eval_samples import SampleOnEvalCallback
 from oasst_peft.sample import (
     SAMPLING_CONFIGS,
-    SampleOnEvalCallback,
     format_report,
     generate_replies,
     load_prompts,
