@@ -26,12 +26,18 @@ except SystemExit as e:
     code = e.code
 else:
     code = 0
-print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules]}), file=sys.__stdout__)
+import os
+print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules],
+                  "openblas": os.environ.get("OPENBLAS_NUM_THREADS")}), file=sys.__stdout__)
 """
 
 
-def _probe(*argv: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+def _probe(*argv: str, **env_vars: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **env_vars}
+    if (
+        "OPENBLAS_NUM_THREADS" not in env_vars
+    ):  # what the CLI sets on its own, whatever the caller's shell has
+        env.pop("OPENBLAS_NUM_THREADS", None)
     res = subprocess.run(
         [sys.executable, "-c", PROBE % (HEAVY,), *argv], env=env, capture_output=True, text=True, timeout=60
     )
@@ -71,6 +77,12 @@ def test_a_wrong_path_or_name_fails_before_the_heavy_imports(argv, tmp_path):
     assert got["code"] in (1, 2) and got["heavy"] == [], got
     assert len(got["stderr"].strip().splitlines()) == 1, got["stderr"]
     assert "no-such-run" in got["stderr"] or "greddy" in got["stderr"], got["stderr"]
+
+
+def test_numpys_unused_blas_threads_are_off_unless_the_user_set_them():
+    """torch imports numpy, whose OpenBLAS pool spins on the cores a merge or training needs."""
+    assert _probe("--help")["openblas"] == "1"
+    assert _probe("--help", OPENBLAS_NUM_THREADS="4")["openblas"] == "4"
 
 
 def test_merge_tools_stays_lazy_and_keeps_its_names():
