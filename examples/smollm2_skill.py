@@ -177,6 +177,9 @@ def run_example(
     """Data, baseline, train each row, merge, evaluate; returns ``{"rows": {label: scores}, ...}`` (see module doc)."""
     from transformers import set_seed
 
+    from oasst_peft import quiet
+
+    quiet.install()  # hide the library warnings known to be harmless, as the CLI does
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     train_file, heldout = write_data(work / "data", trees, heldout_n, seed)
