@@ -1,4 +1,4 @@
-"""Where the base weights come from: a local safetensors folder (streamed), a small .gguf file, or a hub id.
+"""Where the base weights come from: a local safetensors folder (streamed), a .gguf file (its cached copy), or a hub id.
 
 ``resolve_base`` picks the base (``--base`` > the run record > the adapter config) and ``open_base``
 returns a ``TensorStore``: tensor names in checkpoint order, their dtype and shape, and reads of a
@@ -239,42 +239,34 @@ def _hub_folder(repo: str) -> Path:
         ) from None
 
 
-def _gguf_store(path: Path, source: BaseSource) -> MemoryStore:
-    size = path.stat().st_size
-    limit = 4 * 10**9
-    if size > limit:
+def gguf_folder(path: Path, say=None) -> Path:
+    """The safetensors copy of a GGUF base that train, sample and chat read (``oasst_peft.gguf_cache``).
+
+    Training from a GGUF has made it already; otherwise it is made here, once. The merge then streams it
+    like any folder, and ``--verify`` loads it instead of dequantizing the GGUF a second time.
+    """
+    from oasst_peft.errors import OasstError
+    from oasst_peft.gguf_cache import cached_if_present, cached_model_dir
+
+    cached = cached_if_present(path)
+    if cached is not None:
+        return cached
+    size, limit = path.stat().st_size, 4 * 10**9
+    if size > limit:  # transformers dequantizes a GGUF in memory, in float32
         raise MergeError(
-            f"base {path} is a {size / 1e9:.1f} GB GGUF; only small GGUF bases (< 4 GB) are merged, in memory. "
+            f"base {path} is a {size / 1e9:.1f} GB GGUF; only small GGUF bases (< 4 GB) are dequantized here. "
             "Convert the base to a safetensors folder and pass --base"
         )
     try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:  # pragma: no cover
-        raise MergeError(f"base {path} is a GGUF file; reading it needs transformers") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:  # noqa: BLE001 - transformers' GGUF reader raises many types
-        raise MergeError(f"base {path}: cannot read the GGUF file ({type(e).__name__}: {e})") from None
-    state = model.state_dict()
-    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if (
-        out is not None and emb is not None and out.weight is emb.weight
-    ):  # tied: the checkpoint keeps one copy
-        out_name = next(n for n, m in model.named_modules() if m is out)
-        state.pop(f"{out_name}.weight", None)
-    state = {k: v.detach().contiguous() for k, v in state.items()}
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    if not config.get("dtype") and state:
-        config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    del model
-    return MemoryStore(state, source, config, folder=None)
+        return cached_model_dir(path, say=say)
+    except OasstError as e:
+        raise MergeError(f"base {path}: {e}") from None
 
 
-def open_base(source: BaseSource) -> TensorStore:
-    """The base's tensors (streamed from disk for folders and hub snapshots)."""
+def open_base(source: BaseSource, say=None) -> TensorStore:
+    """The base's tensors, streamed from disk (a GGUF through its dequantized safetensors copy)."""
     if source.kind == "gguf":
-        return _gguf_store(Path(source.location), source)
+        return open_folder(gguf_folder(Path(source.location), say=say), source)
     folder = _hub_folder(source.location) if source.kind == "hub" else Path(source.location)
     return open_folder(folder, source)
 

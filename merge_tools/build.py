@@ -67,7 +67,7 @@ def build_merged(
             protected.append(Path(source.location))
         check_out(out, overwrite, protected)
         adapter = load_adapter(adapter_dir)
-        store = open_base(source)
+        store = open_base(source, say=note)
         note(f"base: {source.location} ({source.kind}, from {source.why})")
         peft_bits = [f"r={adapter.r}", f"alpha={adapter.alpha:g}"]
         peft_bits += ["rsLoRA"] if adapter.rslora else []
@@ -173,7 +173,6 @@ def build_merged(
         if verify:
             result = verify_merge(
                 staged.path,
-                source=source,
                 base_folder=store.folder,
                 adapter_dir=adapter_dir,
                 vocab_rows=plan.vocab_rows,

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from merge_tools.base import BaseSource
 from merge_tools.errors import MergeError
 from merge_tools.io import DTYPE_NAMES, human
 from merge_tools.qlora import NF4Settings
@@ -113,9 +112,7 @@ def _logits(model, probes: list[list[int]], dev: str) -> list[torch.Tensor]:
     return [model(input_ids=torch.tensor([p], device=dev)).logits[0].float().cpu() for p in probes]
 
 
-def _load_reference(
-    base_folder: Path | None, source: BaseSource, adapter_dir: Path, vocab_rows, nf4, dtype, dev
-):
+def _load_reference(base_folder: Path, adapter_dir: Path, vocab_rows, nf4, dtype, dev):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -128,11 +125,8 @@ def _load_reference(
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": dev}
-    if source.kind == "gguf":
-        p = Path(source.location)
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(base_folder), **kwargs)
+    # (a GGUF base is its dequantized safetensors copy here: merge_tools.base.gguf_folder)
+    model = AutoModelForCausalLM.from_pretrained(str(base_folder), **kwargs)
     if nf4 is None:
         model.to(dev)
     from oasst_peft.model import exact_nf4_kernels
@@ -148,8 +142,7 @@ def _load_reference(
 def verify_merge(
     merged_dir: Path,
     *,
-    source: BaseSource,
-    base_folder: Path | None,
+    base_folder: Path,
     adapter_dir: Path,
     vocab_rows: int | None,
     out_dtype: torch.dtype,
@@ -167,7 +160,7 @@ def verify_merge(
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     probes = _probe_ids(tokenizer)
     try:
-        ref_model = _load_reference(base_folder, source, adapter_dir, vocab_rows, nf4, ref_dtype, dev)
+        ref_model = _load_reference(base_folder, adapter_dir, vocab_rows, nf4, ref_dtype, dev)
     except MergeError:
         raise
     except Exception as e:  # noqa: BLE001 - loading can fail in many library-specific ways

@@ -1,4 +1,4 @@
-"""A GGUF base dequantized once into a safetensors model folder, reused by train, sample and chat.
+"""A GGUF base dequantized once into a safetensors model folder, reused by train, sample, chat, merge and export.
 
 Loading a ``.gguf`` with transformers dequantizes every tensor and converts the tokenizer, each time.
 ``cached_model_dir(path)`` does that once and saves the result (config, ``model.safetensors``,
