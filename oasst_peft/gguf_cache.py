@@ -74,7 +74,14 @@ def cached_model_dir(path: str | Path, say=None) -> Path:
             f"gguf cache: cannot write under {target.parent} ({e.strerror}); set {CACHE_ENV} to a writable folder"
         ) from None
     try:
-        _dequantize(src, tmp)
+        try:
+            _dequantize(src, tmp)
+        except OSError as e:  # a full disk or a quota, while writing the copy (nothing is kept of it)
+            why = e.strerror or type(e).__name__
+            raise OasstError(
+                f"gguf cache: cannot write the dequantized copy of {src.name} under {target.parent} ({why}); "
+                f"free space there or set {CACHE_ENV} to a folder with room"
+            ) from None
         try:
             os.replace(tmp, target)
         except OSError:

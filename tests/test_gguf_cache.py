@@ -36,6 +36,27 @@ def test_entries_are_keyed_by_the_file_content(monkeypatch, tmp_path):
     assert gguf_cache.cache_dir_for(a) != gguf_cache.cache_dir_for(b)
 
 
+def test_a_full_disk_while_writing_the_copy_is_one_line_and_leaves_no_entry(monkeypatch, tmp_path):
+    import errno
+
+    from oasst_peft.errors import OasstError
+
+    monkeypatch.setenv("OASST_PEFT_CACHE", str(tmp_path / "c"))
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"GGUF bytes")
+
+    def disk_fills_up(_src, out):  # half a copy written, then the disk is full
+        (out / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf_cache, "_dequantize", disk_fills_up)
+    with pytest.raises(OasstError, match=r"m\.gguf .*No space left on device.*OASST_PEFT_CACHE") as e:
+        gguf_cache.cached_model_dir(src)
+    assert "\n" not in str(e.value)
+    assert gguf_cache.cached_if_present(src) is None
+    assert list((tmp_path / "c" / "gguf").iterdir()) == []  # the partial copy is gone
+
+
 @pytest.mark.slow
 def test_demo_gguf_is_dequantized_once_into_plain_safetensors(monkeypatch, tmp_path):
     import torch
