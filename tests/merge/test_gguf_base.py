@@ -9,11 +9,12 @@ dequantize (by the merge or by ``--verify``) would show.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 import oasst_peft.gguf_cache as gguf_cache
-from merge_tools import merge
+from merge_tools import MergeError, merge
 from oasst_peft.export import export_gguf
 from tests.merge.runs import make_base, make_run
 
@@ -52,8 +53,6 @@ def test_a_gguf_base_is_read_from_its_cached_copy_not_dequantized_again(tmp_path
 
 def test_without_a_cached_copy_the_merge_makes_it_once(tmp_path, monkeypatch):
     gguf, run = _gguf_run(tmp_path, monkeypatch)
-    import shutil
-
     shutil.rmtree(gguf_cache.cache_dir_for(gguf))
     made = []
     real = gguf_cache._dequantize
@@ -67,8 +66,6 @@ def test_without_a_cached_copy_the_merge_makes_it_once(tmp_path, monkeypatch):
 
 def test_a_gguf_base_that_is_not_a_file_is_one_line(tmp_path, monkeypatch):
     gguf, run = _gguf_run(tmp_path, monkeypatch)
-    from merge_tools import MergeError
-
     gguf.unlink()
     with pytest.raises(MergeError, match="base"):
         merge(run, tmp_path / "merged", **quiet)
