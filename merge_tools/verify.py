@@ -10,12 +10,14 @@ by the largest reference logit and set by the least precise dtype involved.
 from __future__ import annotations
 
 import gc
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from merge_tools.errors import MergeError
+from merge_tools.files import has_tokenizer
 from merge_tools.io import DTYPE_NAMES, human
 from merge_tools.qlora import NF4Settings
 
@@ -47,6 +49,7 @@ class VerifyResult:
     positions: int
     reference: str
     dtype: str
+    probes: str = "the probe conversations"
 
     @property
     def passed(self) -> bool:
@@ -58,6 +61,7 @@ class VerifyResult:
             f"verify: {verdict}: max |logit diff| {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}), "
             f"top-1 agreement {self.top1_agreement:.1%} over {self.positions} positions; "
             f"reference: {self.reference}, compared in {self.dtype}"
+            + (f"; inputs: {self.probes}" if self.probes != VerifyResult.probes else "")
         )
 
 
@@ -103,6 +107,18 @@ def _probe_ids(tokenizer) -> list[list[int]]:
             ids.append([int(i) for i in out])
         else:
             ids.append(tokenizer(" ".join(m["content"] for m in conv))["input_ids"])
+    return ids
+
+
+def _token_probes(vocab: int) -> list[list[int]]:
+    """Fixed token ids for a model saved without a tokenizer: the logits compare just as well."""
+    ids, x = [], 12345
+    for length in (16, 24, 32):
+        seq = []
+        for _ in range(length):
+            x = (1103515245 * x + 12345) % 2**31
+            seq.append(x % vocab)
+        ids.append(seq)
     return ids
 
 
@@ -157,8 +173,13 @@ def verify_merge(
     dev = device()
     compute = torch.float32 if dev == "cpu" else out_dtype
     ref_dtype = nf4.dtype if nf4 is not None else compute
-    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
-    probes = _probe_ids(tokenizer)
+    if has_tokenizer(merged_dir):
+        probes = _probe_ids(AutoTokenizer.from_pretrained(str(merged_dir)))
+        inputs = VerifyResult.probes
+    else:
+        config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+        probes = _token_probes(int(vocab_rows or config.get("vocab_size") or 2))
+        inputs = "fixed token ids (the merged folder has no tokenizer)"
     try:
         ref_model = _load_reference(base_folder, adapter_dir, vocab_rows, nf4, ref_dtype, dev)
     except MergeError:
@@ -188,4 +209,5 @@ def verify_merge(
         positions=int(agree.numel()),
         reference=reference,
         dtype=DTYPE_NAMES.get(least, str(least)),
+        probes=inputs,
     )
