@@ -20,6 +20,7 @@ as its last chunk is written, while the next shard is computed. The values are t
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import threading
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from merge_tools.errors import MergeError
 from merge_tools.io import human, shard_names
 from merge_tools.writer import SafetensorsWriter
 
@@ -258,6 +260,16 @@ class ShardPipeline:
             w.abort()
 
 
+def _one_line(e: OSError, folder) -> MergeError:
+    where = Path(e.filename).name if e.filename else str(folder)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return MergeError(
+            f"{e.strerror} while writing {where}: free space on the disk of {Path(folder).parent} or pass "
+            "--out on another disk; nothing was written to the output folder"
+        )
+    return MergeError(f"{e.filename or folder}: {e.strerror or e}")
+
+
 def write_jobs(jobs: list, folder, max_bytes: int, chunks, say=None) -> tuple[dict[str, str], int]:
     """Group ``jobs`` into shards of at most ``max_bytes`` and write them; ``chunks(job)`` yields each one's pieces.
 
@@ -294,6 +306,9 @@ def write_jobs(jobs: list, folder, max_bytes: int, chunks, say=None) -> tuple[di
             total += writer.total
             report_closed()
         pipe.finish()
+    except OSError as e:
+        pipe.abort()
+        raise _one_line(e, folder) from None
     except BaseException:
         pipe.abort()
         raise

@@ -2,8 +2,10 @@
 
 The main thread reserves each chunk's place in plan order (``reserve``); the bytes may then arrive from
 any thread, in any order (``write_at``, ``copy_range``), since each lands at its own offset. ``close``
-checks that every planned byte was written before it fsyncs. Writeback to the disk is started every
-``WRITEBACK_BYTES`` so the final fsync does not flush the whole shard at once.
+checks that every planned byte was written before it fsyncs. A shard of ``merge_tools.direct.MIN_BYTES``
+or more is written with direct I/O where the filesystem allows it (``merge_tools.direct``); otherwise
+through the page cache, with writeback to the disk started every ``WRITEBACK_BYTES`` so the final fsync
+does not flush the whole shard at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from merge_tools.direct import DirectFile
 from merge_tools.errors import MergeError
 from merge_tools.io import CHUNK_BYTES, TORCH_TO_ST, element_size, numel
 
@@ -40,6 +43,9 @@ def start_writeback(fd: int) -> None:
     """Ask the kernel to begin writing a file's dirty pages now (returns at once; ``fsync`` still makes it durable)."""
     if _START_WRITEBACK is not None:
         _START_WRITEBACK(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+_EMPTY = torch.empty(0, dtype=torch.uint8)
 
 
 def _as_bytes(chunk) -> memoryview:
@@ -69,7 +75,11 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
         head = struct.pack("<Q", len(raw)) + raw
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._direct = DirectFile.open(self.path, len(head) + offset)
+        if self._direct is not None:
+            self._fd = self._direct.fd
+        else:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self._closed = False
         self._next = len(head)  # the file offset of the next reserved byte
         self._end = len(head) + offset
@@ -97,10 +107,23 @@ class SafetensorsWriter:
             self._in_tensor = 0
         return at
 
+    @property
+    def direct(self) -> bool:
+        """True while this shard is written with direct I/O."""
+        return self._direct is not None and self._direct.direct
+
     def _pwrite(self, view: memoryview, offset: int) -> None:
+        if self._direct is not None:
+            data = view if not view.readonly else bytearray(view)
+            self._direct.write(torch.frombuffer(data, dtype=torch.uint8) if len(view) else _EMPTY, offset)
+            return
         done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
+        try:
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], offset + done)
+        except OSError as e:
+            e.filename = e.filename or str(self.path)
+            raise
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -109,11 +132,16 @@ class SafetensorsWriter:
             flush = self._unflushed >= WRITEBACK_BYTES
             if flush:
                 self._unflushed = 0
-        if flush:
+        if flush and self._direct is None:
             start_writeback(self._fd)
 
     def write_at(self, chunk, offset: int) -> None:
         """``chunk``'s bytes (a tensor or a buffer) at ``offset``, a place ``reserve`` gave; any thread."""
+        if self._direct is not None and isinstance(chunk, torch.Tensor):
+            data = chunk.detach().contiguous().reshape(-1).view(torch.uint8)
+            self._direct.write(data, offset)
+            self._count(data.numel())
+            return
         view = _as_bytes(chunk)
         self._pwrite(view, offset)
         self._count(len(view))
@@ -128,6 +156,12 @@ class SafetensorsWriter:
         at = self.reserve(n) if at is None else at
         src = os.open(path, os.O_RDONLY)
         try:
+            if self._direct is not None:
+                got = self._direct.read_into(src, offset, n, at)
+                self._count(got)
+                if got < n:
+                    raise MergeError(f"{path}: file is truncated (tensor data ends early)")
+                return
             done = 0
             while done < n:
                 step = min(n - done, 1 << 30)
@@ -147,13 +181,22 @@ class SafetensorsWriter:
         """Close without checks (the caller is unwinding an error)."""
         if not self._closed:
             self._closed = True
-            os.close(self._fd)
+            if self._direct is not None:
+                self._direct.abort()
+            else:
+                os.close(self._fd)
 
     def close(self) -> None:
         """Check every planned byte was written, then flush to disk."""
         complete = self._written == self.total and self._next == self._end
-        os.fsync(self._fd)
-        self.abort()
+        if self._direct is not None and complete:
+            try:
+                self._direct.close()  # writes the last windows, cuts the padding, fsyncs
+            finally:
+                self.abort()
+        else:
+            os.fsync(self._fd)
+            self.abort()
         if not complete:
             missing = next((name for name, size in self._sizes[self._index :] if size), None)
             what = f"tensor {missing}" if missing else f"{self.total - self._written} bytes"
