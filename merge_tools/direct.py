@@ -112,11 +112,22 @@ class DirectFile:
             yield self._window(i), inner, done, step
             done += step
 
-    def write(self, data: torch.Tensor, offset: int) -> None:
-        """The bytes of the uint8 tensor ``data`` at file ``offset`` (copied now: ``data`` may be reused at once)."""
+    def write(self, data: torch.Tensor, offset: int, dtype: torch.dtype | None = None) -> None:
+        """The 1-D tensor ``data`` at file ``offset``: its bytes, or its values cast to ``dtype`` straight into the windows.
+
+        Copied now: ``data`` may be reused at once.
+        """
         self._raise()
-        for w, inner, at, step in self._pieces(offset, data.numel()):
-            w.tensor[inner : inner + step].copy_(data[at : at + step])  # torch lets go of the GIL
+        size = dtype.itemsize if dtype is not None else data.element_size()
+        if offset % size:  # the windows cannot hold these elements whole: write the bytes
+            data, dtype, size = (data if dtype is None else data.to(dtype)).view(torch.uint8), None, 1
+        for w, inner, at, step in self._pieces(offset, data.numel() * size):
+            dst = w.tensor[inner : inner + step]
+            src = data[at // size : (at + step) // size]
+            if dtype is None:
+                dst.copy_(src.view(torch.uint8))  # torch lets go of the GIL
+            else:
+                dst.view(dtype).copy_(src)
             self._added(w, step)
 
     def read_into(self, src_fd: int, src_offset: int, n: int, offset: int) -> int:

@@ -85,6 +85,15 @@ class RowBlock:
 
     def compute(self, scratch: Scratch) -> torch.Tensor:
         """The block in the output dtype, in ``scratch`` (valid until the worker's next block)."""
+        w = self.merged32(scratch)
+        if self.job.out_dtype == torch.float32:
+            return w
+        out = scratch.get("out", w.numel(), self.job.out_dtype).view(w.shape)
+        out.copy_(w)
+        return out
+
+    def merged32(self, scratch: Scratch) -> torch.Tensor:
+        """The block in float32, before the one cast to the output dtype, in ``scratch``."""
         job, lm = self.job, self.job.lora
         n, cols = self.b - self.a, job.src_shape[1]
         w = scratch.get("w32", n * cols, torch.float32).view(n, cols)
@@ -97,11 +106,7 @@ class RowBlock:
         w.addmm_(self.B[self.a : self.b], self.A, alpha=lm.scale)
         if lm.magnitude is not None:
             w.mul_((lm.magnitude[self.a : self.b].float() / torch.linalg.norm(w, dim=1)).view(-1, 1))
-        if job.out_dtype == torch.float32:
-            return w
-        out = scratch.get("out", n * cols, job.out_dtype).view(n, cols)
-        out.copy_(w)
-        return out
+        return w
 
 
 def workers() -> int:
@@ -147,9 +152,10 @@ class ShardPipeline:
             op, writer, at, payload = item
             try:
                 if self.error is None:
-                    if op == "block":
-                        data = payload.compute(scratch)
-                        writer.write_at(data, at)
+                    if op == "block" and writer.casts:  # cast on the way into the write windows
+                        writer.write_at(payload.merged32(scratch), at, dtype=payload.job.out_dtype)
+                    elif op == "block":
+                        writer.write_at(payload.compute(scratch), at)
                     elif op == "range":
                         writer.copy_range(payload.path, payload.offset, payload.n, at=at)
                     else:

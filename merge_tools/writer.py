@@ -135,13 +135,23 @@ class SafetensorsWriter:
         if flush and self._direct is None:
             start_writeback(self._fd)
 
-    def write_at(self, chunk, offset: int) -> None:
-        """``chunk``'s bytes (a tensor or a buffer) at ``offset``, a place ``reserve`` gave; any thread."""
+    @property
+    def casts(self) -> bool:
+        """True when ``write_at`` can cast while it writes (direct I/O: straight into the write windows)."""
+        return self._direct is not None
+
+    def write_at(self, chunk, offset: int, dtype: torch.dtype | None = None) -> None:
+        """``chunk``'s bytes (a tensor or a buffer) at ``offset``, a place ``reserve`` gave; any thread.
+
+        ``dtype``: the tensor's values cast to it on the way (``casts``: without an extra copy).
+        """
         if self._direct is not None and isinstance(chunk, torch.Tensor):
-            data = chunk.detach().contiguous().reshape(-1).view(torch.uint8)
-            self._direct.write(data, offset)
-            self._count(data.numel())
+            data = chunk.detach().contiguous().reshape(-1)
+            self._direct.write(data, offset, dtype)
+            self._count(data.numel() * (dtype or data.dtype).itemsize)
             return
+        if dtype is not None:
+            chunk = chunk.to(dtype)
         view = _as_bytes(chunk)
         self._pwrite(view, offset)
         self._count(len(view))

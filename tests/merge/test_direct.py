@@ -83,8 +83,23 @@ def test_close_names_bytes_never_written(tmp_path, small_windows):
         DirectFile.open(tmp_path / "o2.bin", 10).write(torch.zeros(11, dtype=torch.uint8), 0)
 
 
-def test_a_merge_written_directly_has_the_bytes_of_a_buffered_one(tmp_path, small_windows, monkeypatch):
-    base = make_base(tmp_path, "llama")
+def test_values_cast_on_the_way_in_equal_a_cast_then_a_copy(tmp_path, small_windows):
+    values = torch.randn(3 * direct.WINDOW_BYTES // 4 + 7, generator=torch.Generator().manual_seed(0))
+    want = values.to(torch.bfloat16).view(torch.uint8)
+    n = want.numel()
+    for offset in (6, 3):  # element-aligned: cast into the windows; an odd offset: the bytes of a cast
+        f = DirectFile.open(tmp_path / f"at{offset}.bin", offset + n)
+        f.write(torch.zeros(offset, dtype=torch.uint8), 0)
+        f.write(values, offset, dtype=torch.bfloat16)
+        f.close()
+        assert (tmp_path / f"at{offset}.bin").read_bytes()[offset:] == want.numpy().tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_merge_written_directly_has_the_bytes_of_a_buffered_one(
+    tmp_path, small_windows, monkeypatch, dtype
+):
+    base = make_base(tmp_path, "llama", dtype=dtype)
     run = make_run(tmp_path, base, "llama-lora")
     opened = _opened(monkeypatch)
     got = merge(run, tmp_path / "direct", verify=True, max_shard_size="40KB", **quiet)
