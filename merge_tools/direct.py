@@ -19,7 +19,6 @@ file drops ``O_DIRECT`` and goes on with the same windows.
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 import queue
@@ -180,6 +179,8 @@ class DirectFile:
             view.release()
 
     def _drop_direct(self) -> None:
+        import fcntl  # (O_DIRECT exists only where fcntl does)
+
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
         fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
         self.direct = False

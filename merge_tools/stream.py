@@ -11,10 +11,12 @@ Here the main thread only plans: it walks the tensors in shard order and reserve
 in its shard (``SafetensorsWriter.reserve``). Worker threads, one per core, each with torch's
 intra-op threads set to 1, take the chunks in turn. For a LoRA row block (``RowBlock``, 4 MiB of
 float32, which stays in the CPU's cache from the read to the write) a worker reads the base
-rows, runs one ``addmm_`` and one cast, and ``pwrite``s the block at its offset. Unchanged tensors are
-copied file to file by the kernel (``os.copy_file_range``). A closer thread fsyncs each shard as soon
-as its last chunk is written, while the next shard is computed. The values are those of
-``merge_tools.lora.merge_linear``: float32 math, one cast to the output dtype.
+rows, runs one ``addmm_`` and one cast, and writes the block at its offset. A large shard is written
+with direct I/O (``merge_tools.direct``): the cast goes straight into its write windows, and unchanged
+tensors are read into them from the base file. A small one goes through the page cache, with
+unchanged tensors copied file to file by the kernel (``os.copy_file_range``). A closer thread fsyncs
+each shard as soon as its last chunk is written, while the next shard is computed. The values are
+those of ``merge_tools.lora.merge_linear``: float32 math, one cast to the output dtype.
 """
 
 from __future__ import annotations
