@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,10 +47,25 @@ from merge_tools.run import RECIPE_RECORD, RunInput, is_zero_checkpoint
 from merge_tools.verify import should_verify, verify_merge
 
 
-def build_merged(
-    run, out, base, dtype, qlora_base, verify, overwrite, max_bytes, tolerance, note, lines, t0, scratch, argv
-) -> MergeReport:
-    """``merge()``'s work for the input ``run`` (``merge_tools.run.RunInput``); ``note`` prints and keeps a line."""
+@dataclass(frozen=True)
+class MergeOptions:
+    """What ``merge()`` was asked besides its input, checked: see ``merge_tools.merge.merge``."""
+
+    out: Path
+    base: str | Path | None
+    dtype: str | None
+    qlora_base: str
+    verify: bool | None
+    overwrite: bool
+    max_bytes: int
+    tolerance: float | None
+    scratch: Path  # a temp folder beside out, removed by merge()
+    argv: list[str]  # the equivalent command line, for the model card and oasst_merge.json
+
+
+def build_merged(run: RunInput, opts: MergeOptions, note, lines: list[str], t0: float) -> MergeReport:
+    """``merge()``'s work for the input ``run``; ``note`` prints a line and keeps it in ``lines``."""
+    out, base, dtype, qlora_base, verify = opts.out, opts.base, opts.dtype, opts.qlora_base, opts.verify
     adapter = None
     adapter_dir = None
     record = run.record
@@ -60,12 +76,12 @@ def build_merged(
             from merge_tools.zero import adapter_is_incomplete, extract_adapter
 
             if adapter_is_incomplete(run.path):
-                adapter_dir = extract_adapter(run.path, scratch / "adapter")
+                adapter_dir = extract_adapter(run.path, opts.scratch / "adapter")
                 note(f"adapter: rebuilt from the ZeRO checkpoint in {run.path}")
         source = resolve_base(base, record, read_adapter_config(adapter_dir))
         if source.kind != "hub":
             protected.append(Path(source.location))
-        check_out(out, overwrite, protected)
+        check_out(out, opts.overwrite, protected)
         adapter = load_adapter(adapter_dir)
         store = open_base(source, say=note)
         note(f"base: {source.location} ({source.kind}, from {source.why})")
@@ -78,14 +94,14 @@ def build_merged(
     elif run.kind == "zero":
         from merge_tools.zero import zero_store
 
-        check_out(out, overwrite, protected)
+        check_out(out, opts.overwrite, protected)
         if base:
             note("--base ignored: a ZeRO checkpoint of a full run holds every weight")
         store = zero_store(run.path)
         source = store.source
         note(f"model: ZeRO checkpoint {run.path} (fp32 master weights, consolidated with DeepSpeed's reader)")
     else:
-        check_out(out, overwrite, protected)
+        check_out(out, opts.overwrite, protected)
         if base:
             note("--base ignored: the input is a full model")
         source = BaseSource("dir", str(run.path), "the run")
@@ -152,7 +168,7 @@ def build_merged(
         weight_map, total = write_shards(
             plan.jobs,
             staged.path,
-            max_bytes,
+            opts.max_bytes,
             store,
             say=note,
             nf4=nf4,
@@ -178,7 +194,7 @@ def build_merged(
                 vocab_rows=plan.vocab_rows,
                 out_dtype=out_dtype,
                 nf4=nf4,
-                tolerance=tolerance,
+                tolerance=opts.tolerance,
             )
             note(result.line())
             if not result.passed:
@@ -214,14 +230,14 @@ def build_merged(
             eot_token=eot,
             recipe=run.recipe,
             train_command=(record or {}).get("command"),
-            merge_command=argv,
+            merge_command=opts.argv,
             merge_lines=[ln for ln in lines if not ln.startswith("wrote ")],
             prompt_example=_prompt_example(staged.path),
             steps=_train_steps(run),
             deepspeed_config_path=(record or {}).get("deepspeed_config"),
         )
         write_text(staged.path / "README.md", model_card(card, recipe_dir=run.run_dir))
-        write_json(staged.path / MERGE_RECORD, merge_record(report, argv))
+        write_json(staged.path / MERGE_RECORD, merge_record(report, opts.argv))
         staged.publish()
     report.seconds = time.perf_counter() - t0
     note(f"done in {report.seconds:.1f} s: {report.shards} shard(s), {human(report.bytes)} in {out}")

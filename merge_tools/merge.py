@@ -44,7 +44,7 @@ def merge(
     check_input_files(run_or_adapter)
     run = resolve_input(run_or_adapter)
 
-    from merge_tools.build import build_merged  # torch from here on
+    from merge_tools.build import MergeOptions, build_merged  # torch from here on
     from merge_tools.io import NAMED_DTYPES, PARTIAL, existing_parent, parse_size
     from merge_tools.qlora import QLORA_BASES
 
@@ -59,28 +59,23 @@ def merge(
         raise MergeError(f"--dtype: '{dtype}' is not one of fp16, bf16, fp32")
     if qlora_base not in QLORA_BASES:
         raise MergeError(f"--qlora-base: '{qlora_base}' is not one of {', '.join(QLORA_BASES)}")
-    max_bytes = parse_size(max_shard_size)
     out = Path(out).expanduser()
-    scratch = existing_parent(out) / f".{out.name}{PARTIAL}{os.getpid()}-scratch-{uuid.uuid4().hex[:8]}"
+    opts = MergeOptions(
+        out=out,
+        base=base,
+        dtype=dtype,
+        qlora_base=qlora_base,
+        verify=verify,
+        overwrite=overwrite,
+        max_bytes=parse_size(max_shard_size),
+        tolerance=tolerance,
+        scratch=existing_parent(out) / f".{out.name}{PARTIAL}{os.getpid()}-scratch-{uuid.uuid4().hex[:8]}",
+        argv=_merge_command(run_or_adapter, out, base, dtype, qlora_base, verify, overwrite),
+    )
     try:
-        return build_merged(
-            run,
-            out,
-            base,
-            dtype,
-            qlora_base,
-            verify,
-            overwrite,
-            max_bytes,
-            tolerance,
-            note,
-            lines,
-            t0,
-            scratch,
-            _merge_command(run_or_adapter, out, base, dtype, qlora_base, verify, overwrite),
-        )
+        return build_merged(run, opts, note, lines, t0)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(opts.scratch, ignore_errors=True)
 
 
 def _merge_command(run_or_adapter, out, base, dtype, qlora_base, verify, overwrite) -> list[str]:
