@@ -15,6 +15,9 @@ import torch
 
 from merge_tools.errors import MergeError
 from merge_tools.io import write_json
+from oasst_peft.model_files import has_tokenizer
+
+__all__ = ["has_tokenizer"]  # (one test of "is there a tokenizer", shared with sample and export)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -31,12 +34,6 @@ TOKENIZER_FILES = (
     "vocab.txt",
 )
 TEMPLATE_DIR = "additional_chat_templates"
-
-
-def has_tokenizer(folder: Path | None) -> bool:
-    return folder is not None and any(
-        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
-    )
 
 
 def has_chat_template(folder: Path) -> bool:

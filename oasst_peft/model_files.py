@@ -102,6 +102,23 @@ def check_safetensors(path: Path, key: str = "model_name") -> None:
         f.keys()
 
 
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
+
+
+def has_tokenizer(folder: str | Path | None) -> bool:
+    """A folder with a saved tokenizer (what ``AutoTokenizer.from_pretrained`` needs to start)."""
+    return folder is not None and any((Path(folder) / f).is_file() for f in TOKENIZER_MARKERS)
+
+
+def require_tokenizer(folder: str | Path, key: str, why: str) -> None:
+    """One line when ``folder`` has no tokenizer files, instead of transformers' guesses at converting one."""
+    if not has_tokenizer(folder):
+        raise OasstError(
+            f"{key}: {folder} has no tokenizer (no {' or '.join(TOKENIZER_MARKERS)}); {why}: copy the tokenizer "
+            "files of its base model into it"
+        )
+
+
 def check_folder(folder: str | Path, key: str = "model_name") -> None:
     """``check_model_folder`` and every safetensors header in ``folder``: what a load would trip on."""
     folder = Path(folder)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from oasst_peft.errors import OasstError, did_you_mean
+from oasst_peft.model_files import require_tokenizer
 from oasst_peft.run_record import RUN_RECORD, RunRecord, RunRecordError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -123,6 +124,8 @@ def _load_tokenizer(path: Path | str, source=None):
     from oasst_peft.model_info import ModelSource
 
     source = source or ModelSource("dir", str(path))
+    if source.kind == "dir":
+        require_tokenizer(source.location, "MODEL", "sample and chat need one")
     return _from_pretrained(AutoTokenizer, source, "tokenizer")
 
 

@@ -36,7 +36,7 @@ from oasst_peft.export.gguf_model import (
 )
 from oasst_peft.export.gguf_vocab import add_vocab, vocab_plan
 from oasst_peft.export.modelfile import modelfile_text
-from oasst_peft.model_files import check_folder
+from oasst_peft.model_files import check_folder, require_tokenizer
 
 MODELFILE = "Modelfile"
 
@@ -145,6 +145,7 @@ def _export(folder: Path, out: Path, qtype: str, modelfile: bool, say, name: str
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
+    require_tokenizer(folder, "export", "a GGUF carries the model's tokenizer")
     cfg = AutoConfig.from_pretrained(str(folder))
     shape = model_shape(cfg, str(folder))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
