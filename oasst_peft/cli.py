@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -291,6 +292,27 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(_run(args, debug))
 
 
+class _CtrlC:
+    """Notes a Ctrl-C before it becomes KeyboardInterrupt: typer turns that into a silent exit code 130."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __call__(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        self.previous = None
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where Ctrl-C is ignored)
+            self.previous = signal.signal(signal.SIGINT, self)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def _run(args: list[str], debug: bool) -> int:
     """The command's exit code (errors printed as one line), for ``main``."""
     from typer._click.exceptions import ClickException, NoArgsIsHelpError  # (typer's bundled click)
@@ -298,7 +320,10 @@ def _run(args: list[str], debug: bool) -> int:
     from merge_tools.errors import MergeError  # instant: merge_tools imports torch only on use
 
     try:
-        code = app(args, prog_name="oasst-peft", standalone_mode=False)
+        with _CtrlC() as ctrl_c:
+            code = app(args, prog_name="oasst-peft", standalone_mode=False)
+        if code == 130 and ctrl_c.seen:  # (train's own Ctrl-C handler saves, says so and exits 130 itself)
+            typer.echo("interrupted", err=True)
     except NoArgsIsHelpError as e:
         typer.echo(e.format_message())
         return 2

@@ -377,6 +377,38 @@ def test_killed_merge_leaves_no_out(root, neox, tmp_path, sig):
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged.")] == []
 
 
+def test_ctrl_c_in_cli_merge_says_interrupted_exits_130_and_leaves_nothing(root, neox, tmp_path):
+    """typer turns a KeyboardInterrupt into a silent exit 130; the CLI says what happened."""
+    _, run = neox
+    out, marker = tmp_path / "merged", tmp_path / "writing"
+    script = tmp_path / "interruptible.py"
+    script.write_text(
+        _KILLABLE.replace(
+            "merge(sys.argv[1], sys.argv[2], verify=False)",
+            "from oasst_peft.cli import main\nmain(['merge', sys.argv[1], '--out', sys.argv[2], '--no-verify'])",
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(run), str(out), str(marker)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's foreground job
+    )
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")] == []
+
+
 def test_adapter_missing_the_new_token_rows_is_refused(root, neox):
     _, run = neox
     bare = root / "neox-bare"
