@@ -7,7 +7,9 @@ config (or at ``max_new_tokens``). When the conversation no longer fits the mode
 room for a reply, the oldest exchanges leave the prompt (the system message stays) and one line says
 so. On a terminal the reply streams token by token; from a pipe each input line is one user turn and
 each reply is printed once it is complete. Lines starting with ``/`` are commands: ``/reset``,
-``/system TEXT`` and ``/exit``. ``transcript=`` keeps ``{"messages": [...], "turns": [...]}`` on
+``/system TEXT`` and ``/exit``. On a terminal, Ctrl-C while a reply streams stops that reply (what was
+generated stays in the conversation) and gives the prompt back; Ctrl-C at the prompt, or a second one
+during a reply, ends the chat. ``transcript=`` keeps ``{"messages": [...], "turns": [...]}`` on
 disk, rewritten atomically after every reply; ``turns`` holds, per reply, the exact prompt text the
 model saw and how many earlier messages were left out of it.
 """
@@ -15,7 +17,9 @@ model saw and how many earlier messages were left out of it.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +87,38 @@ def _streamer(tokenizer, out):
     return _Out(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+@contextlib.contextmanager
+def stop_on_ctrl_c(stop: threading.Event):
+    """While in this block, a first Ctrl-C sets ``stop`` and a second raises KeyboardInterrupt (main thread only)."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C keeps its meaning
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stopping(stop: threading.Event):
+    """A transformers stopping criterion that ends generation once ``stop`` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _When(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_When()])
+
+
 class ChatSession:
     """A loaded model and a conversation; ``reply(text)`` adds a user turn and generates the answer."""
 
@@ -118,8 +154,11 @@ class ChatSession:
         self.conv.reset()
         self.log = []
 
-    def reply(self, text: str, stream=None, notice=print) -> dict | None:
-        """Answer the user turn ``text``; returns the turn record, or None when it cannot fit the context."""
+    def reply(self, text: str, stream=None, notice=print, stop: threading.Event | None = None) -> dict | None:
+        """Answer the user turn ``text``; returns the turn record, or None when it cannot fit the context.
+
+        ``stop``: once set, generation ends after the current token and the reply so far is kept.
+        """
         import torch
 
         from oasst_peft.sample import render_prompt
@@ -152,19 +191,22 @@ class ChatSession:
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=self.gen,
                 streamer=_streamer(s.tokenizer, stream) if stream is not None else None,
+                stopping_criteria=_stopping(stop) if stop is not None else None,
             )
         secs = time.perf_counter() - t0
         new = seq[0, len(ids) :].tolist()
-        stop = next((i for i, t in enumerate(new) if t in s.eos_ids), None)
-        kept = new if stop is None else new[:stop]
+        eot = next((i for i, t in enumerate(new) if t in s.eos_ids), None)
+        kept = new if eot is None else new[:eot]
+        stopped = stop is not None and stop.is_set() and eot is None
         answer = s.tokenizer.decode(kept, skip_special_tokens=True)
         self.conv.turns.append({"role": "assistant", "content": answer})
         record = {
             "prompt": prompt_text,
             "prompt_tokens": len(ids),
             "left_out_messages": start,
-            "new_tokens": len(kept) + (stop is not None),
-            "ended_with_eot": stop is not None,
+            "new_tokens": len(kept) + (eot is not None),
+            "ended_with_eot": eot is not None,
+            "stopped": stopped,
             "seconds": round(secs, 3),
         }
         self.log.append(record)
@@ -269,11 +311,18 @@ def chat(
                 notice(f"(unknown command {cmd}; commands: {COMMANDS})")
             save()
             continue
-        result = session.reply(line.strip(), stream=stdout if interactive else None, notice=notice)
+        if interactive:  # Ctrl-C stops this reply, not the chat
+            stop = threading.Event()
+            with stop_on_ctrl_c(stop):
+                result = session.reply(line.strip(), stream=stdout, notice=notice, stop=stop)
+        else:
+            result = session.reply(line.strip(), notice=notice)
         if result is None:
             continue
         if interactive:
             stdout.write("\n")
+            if result["stopped"]:
+                notice("(reply stopped)")
         else:
             stdout.write(result["reply"] + "\n")
         stdout.flush()

@@ -7,14 +7,16 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from oasst_peft.chat import ChatSession, Conversation, chat, fit_prompt
+from oasst_peft.chat import ChatSession, Conversation, chat, fit_prompt, stop_on_ctrl_c
 from oasst_peft.config import load_recipe
 from oasst_peft.errors import OasstError
 from oasst_peft.sample import load_sampler, prompt_ids, render_prompt
@@ -86,6 +88,31 @@ def test_a_full_context_is_announced_once_per_trim(sampler):
     log = session.transcript()["turns"]
     assert log[1]["left_out_messages"] == 2 and "<|prompter|>" in log[1]["prompt"]
     assert log[1]["prompt"] == render_prompt(sampler.tokenizer, session.conv.messages(2)[:1])
+
+
+def test_a_stop_ends_the_reply_and_keeps_what_was_generated(sampler):
+    full = ChatSession(sampler, max_new_tokens=6).reply("what is 3 plus two", notice=lambda _m: None)
+    assert not full["stopped"]
+    session = ChatSession(sampler, max_new_tokens=6)
+    stop = threading.Event()
+    stop.set()  # as if Ctrl-C came before the first token: generation ends after it
+    cut = session.reply("what is 3 plus two", notice=lambda _m: None, stop=stop)
+    assert cut["new_tokens"] == 1 and cut["stopped"] != cut["ended_with_eot"]
+    assert full["new_tokens"] > 1 and full["reply"].startswith(cut["reply"])
+    assert session.transcript()["messages"][-1] == {"role": "assistant", "content": cut["reply"]}
+
+
+def test_first_ctrl_c_asks_the_reply_to_stop_and_a_second_interrupts():
+    before = signal.getsignal(signal.SIGINT)
+    stop = threading.Event()
+    with stop_on_ctrl_c(stop):
+        os.kill(os.getpid(), signal.SIGINT)  # a real signal, handled between two bytecodes
+        time.sleep(0.05)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_commands_and_transcript_from_a_stream(run_dir, tmp_path):
