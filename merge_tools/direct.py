@@ -13,7 +13,8 @@ block size and the file is cut back to its size on ``close``, which then fsyncs.
 
 Where the filesystem refuses ``O_DIRECT`` (tmpfs, some FUSE and network filesystems), ``DirectFile.open``
 returns None and the caller writes through the page cache; if a direct write itself is refused, the
-file drops ``O_DIRECT`` and goes on with the same windows.
+file drops ``O_DIRECT`` and goes on with the same windows. ``OASST_PEFT_DIRECT_IO=0`` turns direct I/O
+off (for a filesystem that accepts it but is slow with it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ WINDOW_BYTES = 4 * 2**20  # one direct write (a multiple of ALIGN)
 ALIGN = 4096  # the largest logical block size in common use: 512-byte disks accept it too
 QUEUED_WINDOWS = 4  # complete windows waiting for the disk: the memory bound when the disk is slower
 MIN_BYTES = 64 * 2**20  # smaller files go through the page cache: a thread per file is not worth it
+OFF_ENV = "OASST_PEFT_DIRECT_IO"  # "0": every file through the page cache
 
 
 class _Window:
@@ -47,7 +49,7 @@ class DirectFile:
     def open(cls, path, size: int) -> DirectFile | None:
         """The file created for direct writes, or None where this platform or filesystem has no ``O_DIRECT``."""
         flag = getattr(os, "O_DIRECT", 0)
-        if not flag or size < MIN_BYTES:
+        if not flag or size < MIN_BYTES or os.environ.get(OFF_ENV, "").strip() == "0":
             return None
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)

@@ -73,6 +73,15 @@ def test_chunks_in_any_order_from_several_threads_land_exactly(tmp_path, small_w
     assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
 
 
+def test_direct_io_can_be_turned_off(tmp_path, small_windows, monkeypatch):
+    monkeypatch.setenv(direct.OFF_ENV, "0")
+    assert DirectFile.open(tmp_path / "off.bin", 10 * direct.WINDOW_BYTES) is None
+    monkeypatch.setenv(direct.OFF_ENV, "1")
+    f = DirectFile.open(tmp_path / "on.bin", 10)
+    assert f is not None and f.direct
+    f.abort()
+
+
 def test_close_names_bytes_never_written(tmp_path, small_windows):
     f = DirectFile.open(tmp_path / "out.bin", 3 * direct.WINDOW_BYTES)
     f.write(torch.zeros(direct.WINDOW_BYTES, dtype=torch.uint8), 0)
