@@ -7,6 +7,7 @@ traceback); usage errors exit 2.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import signal
@@ -305,7 +306,8 @@ class _CtrlC:
     def __enter__(self):
         self.previous = None
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where Ctrl-C is ignored)
-            self.previous = signal.signal(signal.SIGINT, self)
+            with contextlib.suppress(ValueError):  # (main() called from a thread other than the main one)
+                self.previous = signal.signal(signal.SIGINT, self)
         return self
 
     def __exit__(self, *exc):
