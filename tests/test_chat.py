@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +19,7 @@ from oasst_peft.config import load_recipe
 from oasst_peft.errors import OasstError
 from oasst_peft.sample import load_sampler, prompt_ids, render_prompt
 from oasst_peft.train import train
+from tests.terminal import Terminal
 from tests.tiny_run import recipe_dict, write_base, write_conversations, write_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,45 +170,16 @@ def _printable(text: str) -> str:
 
 @pytest.mark.slow
 def test_real_terminal_under_tmux(run_dir, tmp_path):
-    tmux = shutil.which("tmux")
-    if tmux is None:
-        pytest.skip("tmux is not installed (apt-get install -y tmux)")
     path = tmp_path / "chat.json"
-    script = tmp_path / "run.sh"
-    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in _env().items() if k.isidentifier())
-    cli = [sys.executable, "-m", "oasst_peft.cli", "chat", str(run_dir), "--max-new-tokens", "6"]
-    script.write_text(
-        exports
-        + shlex.join([*cli, "--transcript", str(path)])
-        + f"\necho EXITED $? > {tmp_path}/rc\nsleep 60\n",
-        encoding="utf-8",
-    )
-    sock = f"oasst-chat-{os.getpid()}"
-    base = [tmux, "-L", sock]
-    subprocess.run([*base, "new-session", "-d", "-x", "160", "-y", "40", "bash", str(script)], check=True)
-
-    def pane() -> str:
-        return subprocess.run([*base, "capture-pane", "-p", "-J"], capture_output=True, text=True).stdout
-
-    def wait_for(cond, what: str, secs: float = 120) -> None:
-        end = time.monotonic() + secs
-        while time.monotonic() < end:
-            if cond():
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"timed out waiting for {what}; pane:\n{pane()}")
-
-    try:
-        wait_for(lambda: ">>> " in pane(), "the prompt")
-        assert "Commands: /reset" in pane()
-        subprocess.run([*base, "send-keys", "-t", "0", "what is 3 plus two", "Enter"], check=True)
-        wait_for(lambda: path.is_file(), "the first reply")
-        wait_for(lambda: pane().count(">>> ") >= 2, "the next prompt")
+    args = ["chat", str(run_dir), "--max-new-tokens", "6", "--transcript", str(path)]
+    with Terminal(tmp_path, args, _env()) as term:
+        term.wait_for(lambda: ">>> " in term.pane(), "the prompt")
+        assert "Commands: /reset" in term.pane()
+        term.send("what is 3 plus two", "Enter")
+        term.wait_for(path.is_file, "the first reply")
+        term.wait_for(lambda: term.pane().count(">>> ") >= 2, "the next prompt")
         reply = json.loads(path.read_text(encoding="utf-8"))["messages"][1]["content"]
-        assert _printable(reply) in _printable(pane())  # the streamed reply is on screen
-        subprocess.run([*base, "send-keys", "-t", "0", "/exit", "Enter"], check=True)
-        wait_for(lambda: (tmp_path / "rc").is_file(), "the process to exit")
-        assert (tmp_path / "rc").read_text().split() == ["EXITED", "0"]
-        assert "Traceback" not in pane()
-    finally:
-        subprocess.run([*base, "kill-server"], capture_output=True)
+        assert _printable(reply) in _printable(term.pane())  # the streamed reply is on screen
+        term.send("/exit", "Enter")
+        assert term.exit_code() == 0
+        assert "Traceback" not in term.pane()

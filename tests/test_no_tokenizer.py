@@ -6,15 +6,12 @@ multi-line ValueError about sentencepiece and tiktoken, which is not what is wro
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.tiny_run import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +28,10 @@ def bare_model(tmp_path_factory) -> Path:
     return folder
 
 
-def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "oasst_peft.cli", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-
-
 @pytest.mark.parametrize("command", ["sample", "chat", "export"])
 def test_a_model_without_a_tokenizer_is_one_line(bare_model, tmp_path, command):
     args = [command, str(bare_model)] + (["--gguf", str(tmp_path / "m.gguf")] if command == "export" else [])
-    res = _cli(*args)
+    res = run_cli(*args)
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert res.returncode == 1, res.stderr[-2000:]
     assert len(errors) == 1 and "has no tokenizer (no tokenizer.json or tokenizer_config.json)" in errors[0]

@@ -2,12 +2,16 @@
 
 ``write_base`` saves a random 2-layer model with its tokenizer (safetensors); ``write_conversations``
 a messages-format JSONL; ``recipe_dict`` the keys of a recipe that trains in seconds on the CPU
-(max_length 64, batch 4, no warmup, one checkpoint every 2 steps); ``write_recipe`` dumps one.
+(max_length 64, batch 4, no warmup, one checkpoint every 2 steps); ``write_recipe`` dumps one;
+``run_cli`` runs ``python -m oasst_peft.cli`` in a fresh process, offline, as a user types it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -15,6 +19,21 @@ import yaml
 from tests.tiny import make_model, make_tokenizer
 
 STYLE = {"gpt_neox": "neox", "llama": "llama", "bloom": "bloom"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``oasst-peft ARGS`` in a fresh process from this checkout, offline; stdout and stderr captured as text."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "oasst_peft.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def write_base(folder: Path, arch: str = "gpt_neox", hidden: int = 32, seed: int = 0) -> Path:

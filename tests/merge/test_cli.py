@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,22 +12,13 @@ from oasst_peft.config import recipe_from_dict
 from oasst_peft.sample import sample
 from oasst_peft.train import train
 from tests.merge.runs import CONVERSATIONS, make_base
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tiny_run import run_cli
 
 pytestmark = pytest.mark.slow  # spawns processes
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", "oasst_peft.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

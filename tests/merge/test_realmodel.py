@@ -6,29 +6,18 @@ Off by default (``-m realmodel``): about a minute on 2 CPU cores.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.tiny import demo_gguf
+from tests.tiny_run import run_cli
 
 pytestmark = pytest.mark.realmodel
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", "oasst_peft.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=900,
-    )
+    return run_cli(*args, timeout=900)
 
 
 def test_demo_run_on_a_gguf_base_merges_and_samples_like_the_adapter(tmp_path):
