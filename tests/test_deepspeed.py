@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from oasst_peft.config import load_recipe
 from oasst_peft.errors import OasstError
 from oasst_peft.train import train
 from tests.tiny import make_model, make_tokenizer
+from tests.tiny_run import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -77,18 +76,7 @@ def write_recipe(root: Path, name: str, **extra) -> Path:
     return path
 
 
-def oasst_peft(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the CLI as a user would (``python -m oasst_peft.cli``), offline."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", "oasst_peft.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=timeout,
-    )
+oasst_peft = run_cli  # the CLI as a user runs it (python -m oasst_peft.cli), offline
 
 
 def ok(res: subprocess.CompletedProcess) -> str:
