@@ -24,7 +24,6 @@ from merge_tools.files import (
     end_of_turn,
     generation_config,
     has_chat_template,
-    has_tokenizer,
     merged_config,
     write_small_files,
 )
@@ -45,6 +44,7 @@ from merge_tools.qlora import NF4Settings, quantized_modules
 from merge_tools.report import MERGE_RECORD, MergeReport, merge_record
 from merge_tools.run import RECIPE_RECORD, RunInput, is_zero_checkpoint
 from merge_tools.verify import should_verify, verify_merge
+from oasst_peft.model_files import has_tokenizer
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,6 @@ import torch
 
 from merge_tools.errors import MergeError
 from merge_tools.io import write_json
-from oasst_peft.model_files import has_tokenizer
-
-__all__ = ["has_tokenizer"]  # (one test of "is there a tokenizer", shared with sample and export)
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from merge_tools.errors import MergeError
-from merge_tools.files import has_tokenizer
 from merge_tools.io import DTYPE_NAMES, human
 from merge_tools.qlora import NF4Settings
+from oasst_peft.model_files import has_tokenizer
 
 # Relative tolerance on logits (times max(1, max |reference logit|)) for the least precise dtype in play.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}

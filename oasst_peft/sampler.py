@@ -124,8 +124,6 @@ def _load_tokenizer(path: Path | str, source=None):
     from oasst_peft.model_info import ModelSource
 
     source = source or ModelSource("dir", str(path))
-    if source.kind == "dir":
-        require_tokenizer(source.location, "MODEL", "sample and chat need one")
     return _from_pretrained(AutoTokenizer, source, "tokenizer")
 
 
@@ -206,12 +204,14 @@ def load_sampler(
     record = run_record(adapter_dir) if adapter_dir is not None else None
     if adapter_dir is not None and base_source is None:
         base_source = _base_from_record(adapter_dir, record)
+    tok_dir = adapter_dir if adapter_dir is not None else None
+    if tok_dir is not None or base_source.kind == "dir":
+        require_tokenizer(tok_dir or base_source.location, "MODEL", "sample and chat need one")
     # torch and transformers only now: a wrong path above costs a user a fraction of a second, not 5 s
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = _torch_dtype(dtype)
-    tok_dir = adapter_dir if adapter_dir is not None else None
     tokenizer = _load_tokenizer(tok_dir) if tok_dir is not None else _load_tokenizer(None, base_source)
 
     quant = _qlora_config(record, torch_dtype)

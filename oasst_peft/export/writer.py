@@ -141,11 +141,11 @@ def export_gguf(
 
 
 def _export(folder: Path, out: Path, qtype: str, modelfile: bool, say, name: str) -> ExportReport:
+    require_tokenizer(folder, "export", "a GGUF carries the model's tokenizer")
     import gguf
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
-    require_tokenizer(folder, "export", "a GGUF carries the model's tokenizer")
     cfg = AutoConfig.from_pretrained(str(folder))
     shape = model_shape(cfg, str(folder))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
