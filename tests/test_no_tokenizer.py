@@ -9,21 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.tiny import save_bare_llama
 from tests.tiny_run import run_cli
 
 
 @pytest.fixture(scope="module")
 def bare_model(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
-    )
-    folder = tmp_path_factory.mktemp("bare") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    folder = save_bare_llama(tmp_path_factory.mktemp("bare") / "model", layers=1)
     assert not any(folder.glob("tokenizer*"))
     return folder
 

@@ -3,7 +3,8 @@
 ``make_tokenizer(style)`` trains a byte-level BPE of a few hundred tokens with the special tokens
 of a real family: ``neox`` (Pythia/StableLM: ``<|endoftext|>``, ``<|padding|>``), ``bloom``
 (``<s>``, ``</s>``, ``<pad>``) or ``llama`` (``<s>``, ``</s>``, no pad). ``make_model(arch, tok)``
-builds a 2-layer random model of that architecture sized to the tokenizer.
+builds a 2-layer random model of that architecture sized to the tokenizer. ``save_bare_llama(folder)``
+saves a random tiny Llama with no tokenizer at all, as some checkpoints are shipped.
 """
 
 from __future__ import annotations
@@ -98,3 +99,13 @@ def make_model(arch: str, tokenizer, hidden: int = 32, layers: int = 2, seed: in
     else:
         raise ValueError(arch)
     return AutoModelForCausalLM.from_config(cfg)
+
+
+def save_bare_llama(folder: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A random tiny Llama (vocab 97) saved in ``folder`` as safetensors, with no tokenizer files."""
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4
+    )
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    return folder

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import torch
-
 from merge_tools import format_report, merge
+from tests.tiny import save_bare_llama
 
 
 def _bare_adapter(tmp_path):
     """A tiny Llama saved with no tokenizer files, and a peft LoRA on it whose B is not zero."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-    )
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    LlamaForCausalLM(cfg).save_pretrained(base)
+    base = save_bare_llama(tmp_path / "base")
     model = get_peft_model(
-        LlamaForCausalLM.from_pretrained(base),
+        AutoModelForCausalLM.from_pretrained(base),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
     adapter = tmp_path / "adapter"
