@@ -1,4 +1,4 @@
-"""Recipes: the YAML schema, `extends:`, `--set a.b=c` overrides and one-line validation errors.
+"""Recipes: the schema, `--set a.b=c` overrides and one-line validation errors.
 
 A recipe is data. Keys follow the seed model cards (``learning_rate``, ``max_length``,
 ``deepspeed_config`` ...) plus a ``peft`` section and the ``datasets`` mix. ``load_recipe`` returns a
@@ -7,7 +7,6 @@ validated ``Recipe``; every problem is an ``OasstError`` naming the file and key
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +23,7 @@ from pydantic import (
 
 from oasst_peft.bounds import PEFT_RANGES, QUANT_STORAGE, RANGES, SCHEDULERS, STEPS, check_range
 from oasst_peft.errors import OasstError, did_you_mean, shown
+from oasst_peft.recipe_yaml import read_recipe_file
 from oasst_peft.shipped import DEEPSPEED_NAMES as SHIPPED_DEEPSPEED
 from oasst_peft.tracking import check_report_to
 
@@ -295,59 +295,6 @@ RECIPE_KEYS = tuple(Recipe.model_fields)
 PEFT_KEYS = tuple(PeftSection.model_fields)
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise OasstError(
-            f"{path}: recipe file not found (check the path; shipped recipes: oasst-peft recipes)"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise OasstError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
-    except OSError as e:
-        raise OasstError(f"{path}: cannot read recipe ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise OasstError(f"{where}: invalid YAML: {problem}") from None
-    if data is None:
-        raise OasstError(f"{path}: recipe is empty (it needs at least model_name and datasets)")
-    if not isinstance(data, dict):
-        raise OasstError(f"{path}: a recipe is a mapping of keys to values, got {type(data).__name__}")
-    return data
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
-    if path in seen:
-        chain = " -> ".join(str(p) for p in (*seen, path))
-        raise OasstError(f"{path}: 'extends' loops back on itself ({chain})")
-    data = _read_yaml(path)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str) or "\x00" in parent:
-        raise OasstError(f"{path}: 'extends' must be a path to another recipe file")
-    parent_path = Path(parent)
-    if not parent_path.is_absolute():
-        parent_path = path.parent / parent_path
-    base = _load_with_extends(parent_path, (*seen, path))
-    return _deep_merge(base, data)
-
-
 def apply_override(data: dict, assignment: str) -> None:
     """Apply one ``a.b=c`` override in place; the value is parsed as YAML (numbers, bools, lists)."""
     if "=" not in assignment:
@@ -423,7 +370,7 @@ def recipe_from_dict(data: dict, source: str = "recipe", path: Path | None = Non
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file (following ``extends:``), apply ``--set`` overrides, validate."""
     path = Path(path)
-    data = _load_with_extends(path)
+    data = read_recipe_file(path)
     for assignment in overrides:
         apply_override(data, assignment)
     return recipe_from_dict(data, source=str(path), path=path.resolve())
