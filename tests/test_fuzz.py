@@ -42,7 +42,9 @@ def _snapshot(folder: Path) -> dict:
 
 def _prepare(case: fuzz.Case, shared: dict, tmp_path: Path) -> list[str]:
     if case.skip_as_root and ROOT_USER:
-        pytest.skip("root reads a chmod 000 file (test_bad_inputs simulates an unreadable data file)")
+        pytest.skip(
+            "root reads a chmod 000 file (tests/bad_inputs/test_files.py simulates an unreadable data file)"
+        )
     return [str(a) for a in case.build(fuzz.Ws(tmp_path, shared))]
 
 
