@@ -1,6 +1,6 @@
 """The fuzz harness run through the real CLI: every generated bad input gives one line and writes nothing.
 
-tests/fuzz.py generates the cases (corrupt variants of every kind of file the project reads, and
+tests/bad_inputs/fuzz.py generates the cases (corrupt variants of every kind of file the project reads, and
 bad values for every recipe key). The default suite runs a seeded sample of them in-process through
 ``oasst_peft.cli.main`` and a few through a real ``python -m oasst_peft.cli`` process; the whole sweep
 runs under the ``slow`` marker. Each case must exit 1 or 2, print exactly one line on stderr
@@ -17,19 +17,13 @@ from pathlib import Path
 import pytest
 
 from oasst_peft.cli import main
-from tests import fuzz
+from tests.bad_inputs import fuzz
+from tests.bad_inputs.corpus import ROOT_USER
+from tests.bad_inputs.fuzz_targets import DATA, Ws
 
-ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = 20
 QUICK_PROCESSES = 3
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> dict:
-    from tests.merge.runs import bad_input_world
-
-    return bad_input_world(tmp_path_factory.mktemp("fuzz"))
 
 
 def _snapshot(folder: Path) -> dict:
@@ -42,10 +36,8 @@ def _snapshot(folder: Path) -> dict:
 
 def _prepare(case: fuzz.Case, shared: dict, tmp_path: Path) -> list[str]:
     if case.skip_as_root and ROOT_USER:
-        pytest.skip(
-            "root reads a chmod 000 file (tests/bad_inputs/test_files.py simulates an unreadable data file)"
-        )
-    return [str(a) for a in case.build(fuzz.Ws(tmp_path, shared))]
+        pytest.skip("root reads a chmod 000 file (test_files.py simulates an unreadable data file)")
+    return [str(a) for a in case.build(Ws(tmp_path, shared))]
 
 
 def _check(case_id: str, code, err: str, before: dict, tmp_path: Path) -> None:
@@ -124,7 +116,7 @@ def test_the_harness_covers_every_target_and_corruption(cases):
         "key",
     ):
         assert t in targets, t
-    for fmt in fuzz.DATA:
+    for fmt in DATA:
         assert f"data-{fmt}" in targets, fmt
     kinds = {i.split("/")[1].split("-")[0] for i in ids if not i.startswith("key/")}
     assert {"empty", "truncated", "random", "directory", "unreadable", "wrong"} <= kinds, kinds
