@@ -41,6 +41,11 @@ def is_complete(ckpt: Path) -> bool:
     return True
 
 
+def steps_done(ckpt: str | Path) -> int:
+    """The optimizer steps a complete checkpoint holds (``global_step`` of its trainer state)."""
+    return int(json.loads((Path(ckpt) / STATE_FILE).read_text(encoding="utf-8")).get("global_step", 0))
+
+
 def write_latest(out: Path, ckpt: Path) -> None:
     """Point ``out/latest`` at ``ckpt`` (temp file, then rename)."""
     tmp = out / f".{LATEST}.tmp"
@@ -59,6 +64,32 @@ def latest_checkpoint(out: Path) -> Path | None:
                 return named
     complete = [p for p in out.glob("checkpoint-*") if p.is_dir() and _step(p) >= 0 and is_complete(p)]
     return max(complete, key=_step) if complete else None
+
+
+def clear_previous_run(out: Path) -> list[str]:
+    """``--overwrite``: remove what an earlier run left in ``out``; returns the names removed.
+
+    Its checkpoints and ``latest`` pointer (else a later ``--resume`` would continue the old run), its run
+    record and its final weights (else the folder would look finished while this run trains). Files no run
+    writes stay, and the rest of the old run's files are replaced by this run's final save.
+    """
+    if not out.is_dir():
+        return []
+    removed = []
+    for p in sorted(out.iterdir(), key=_step):
+        ckpt = p.is_dir() and p.name.startswith("checkpoint-") and _step(p) >= 0
+        final = p.is_file() and (
+            p.name in (LATEST, "oasst_run.json", "adapter_config.json", "model.safetensors.index.json")
+            or (p.name.endswith(".safetensors") and p.name.startswith(("adapter_model", "model")))
+        )
+        if ckpt:
+            shutil.rmtree(p)
+        elif final:
+            p.unlink()
+        else:
+            continue
+        removed.append(p.name)
+    return removed
 
 
 def resolve_resume(out: Path, resume: bool | str) -> str:

@@ -53,6 +53,16 @@ def rank_zero(say):
     return lambda _line: None
 
 
+def on_rank_zero(fn):
+    """Run ``fn`` on rank 0 while the other ranks wait for it; returns its result there (None elsewhere)."""
+    import torch.distributed as dist
+
+    result = fn() if rank() == 0 else None
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return result
+
+
 def finish() -> None:
     """End a multi-process run cleanly: wait for every rank (rank 0 may still be writing), then close the group.
 

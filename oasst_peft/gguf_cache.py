@@ -97,10 +97,15 @@ def _dequantize(src: Path, out: Path) -> None:
     """Load the GGUF with transformers and save it as a plain safetensors model folder in ``out``."""
     from transformers.utils import logging as hf_logging
 
+    import torch
+
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one "dequantizing" line instead of three progress bars
     try:
-        _convert(src, out)
+        # Rebuilding the model initializes it randomly first: on the caller's seeded RNG that would shift
+        # every later draw (LoRA init, new token rows), so a run on a cold cache would train differently.
+        with torch.random.fork_rng(devices=[]):
+            _convert(src, out)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -9,26 +9,28 @@ markers) and TRL turns it into labels. The output dir gets the standard HF/PEFT 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from oasst_peft import batches, curves, distributed, fingerprint, settings, speed, tracking
 from oasst_peft.checkpoints import (
+    STATE_FILE,
     GracefulStop,
     LatestPointer,
+    clear_previous_run,
     latest_checkpoint,
     resolve_resume,
     run_error,
+    steps_done,
 )
 from oasst_peft.config import Recipe
 from oasst_peft.data.prepare import prepare_data
 from oasst_peft.data.stats import summary_lines
 from oasst_peft.errors import OasstError, Unavailable
 from oasst_peft.locks import holds_output_dir
-from oasst_peft.run_record import RECIPE_RECORD, RUN_RECORD, RunRecord
+from oasst_peft.run_record import RUN_RECORD
+from oasst_peft.run_save import save_run
 
 
 @dataclass
@@ -87,79 +89,6 @@ def preflight(
             tokenizer=fingerprint.tokenizer_fingerprint(tokenizer),
         )
         fingerprint.check_resume(checkpoint, current, say=say)
-
-
-def _atomic_save(out: Path, write) -> None:
-    """Call ``write(tmp_dir)``, then move every file it wrote into ``out``; the run record lands last."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
-    try:
-        write(tmp)
-        files = sorted(tmp.iterdir(), key=lambda p: p.name == RUN_RECORD)
-        for f in files:
-            target = out / f.name
-            if target.is_dir() and f.is_dir():
-                shutil.rmtree(target)
-            os.replace(f, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_run(
-    trainer,
-    loaded,
-    tokenizer,
-    fmt,
-    recipe: Recipe,
-    out: Path,
-    command: list[str],
-    deepspeed_config: str | None = None,
-) -> None:
-    """Write the final model or adapter, tokenizer, generation config, resolved recipe and run record."""
-    model = trainer.model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    gen = base.generation_config
-    gen.eos_token_id = fmt.eot_id
-    gen.pad_token_id = fmt.pad_id
-    full_state = distributed.zero3_peft_state_dict(trainer)  # ZeRO-3 LoRA/QLoRA: every rank joins the gather
-
-    def write(tmp: Path) -> None:
-        if full_state is not None:
-            trainer.model.save_pretrained(str(tmp), state_dict=full_state)
-        else:
-            trainer.save_model(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        gen.save_pretrained(str(tmp))
-        (tmp / RECIPE_RECORD).write_text(recipe.to_yaml(), encoding="utf-8")
-        record = RunRecord(
-            base_model=loaded.source.location,
-            base_kind=loaded.source.kind,
-            mode=recipe.mode,
-            dtype=loaded.dtype,
-            eot_token=fmt.eot,
-            eot_token_id=fmt.eot_id,
-            pad_token_id=fmt.pad_id,
-            base_vocab_rows=loaded.base_vocab_rows,
-            vocab_rows=loaded.vocab_rows,
-            trainable_token_ids=loaded.trainable_token_ids,
-            base_signature=loaded.base_signature,
-            command=command,
-            deepspeed_config=deepspeed_config,
-        )
-        if recipe.mode == "qlora":
-            p = recipe.peft
-            record.bnb_4bit = {
-                "quant_type": p.bnb_4bit_quant_type,
-                "double_quant": p.bnb_4bit_use_double_quant,
-                "compute_dtype": loaded.dtype,
-                "blocksize": 64,
-            }
-        record.write(tmp)
-
-    if trainer.args.should_save:
-        _atomic_save(out, write)
-    elif trainer.is_deepspeed_enabled and full_state is None:
-        trainer.save_model(str(out))  # ZeRO-3 gathers weights collectively: other ranks join, write nothing
 
 
 def _print_plan(recipe: Recipe, out: Path, dtype: str, tokenized, unavailable: list[str], say) -> dict:
@@ -287,6 +216,12 @@ def train(
         from oasst_peft.eval_samples import SampleOnEvalCallback
 
         trainer.add_callback(SampleOnEvalCallback(tokenizer, say=say))
+    if resume and steps_done(resume) >= planned_steps(trainer):  # Trainer.train would run one step more
+        return _resumed_run_is_complete(trainer, loaded, tokenizer, fmt, recipe, out, resume, run, say)
+    if overwrite and not resume:  # only now that everything has loaded: a failed start keeps the old run
+        removed = distributed.on_rank_zero(lambda: clear_previous_run(out))
+        if removed:
+            say(f"overwrite: removed the earlier run's {', '.join(removed)} from {out}")
     stopper = GracefulStop()
     trainer.add_callback(LatestPointer())
     trainer.add_callback(speed.SamplerEpoch())
@@ -330,6 +265,34 @@ def train(
     return TrainResult(out, recipe.mode, metrics=dict(result.metrics))
 
 
+def _resumed_run_is_complete(trainer, loaded, tokenizer, fmt, recipe, out: Path, resume: str, run, say):
+    """``--resume`` of a run whose checkpoint is already at its last step: nothing is trained.
+
+    The final adapter or model is written from that checkpoint only when the run stopped before saving it.
+    """
+    name, step = Path(resume).name, steps_done(resume)
+    if not (out / RUN_RECORD).is_file():
+        if run.deepspeed_path:
+            raise OasstError(
+                f"--resume: {name} is the run's last step ({step}) but its final save is missing; "
+                f"merge or sample the checkpoint itself (oasst-peft merge {resume} --out DIR)"
+            )
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(resume)  # (what Trainer.train loads on a resume, minus the optimizer)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / STATE_FILE))
+        save_run(trainer, loaded, tokenizer, fmt, recipe, out, [Path(sys.argv[0]).name, *sys.argv[1:]])
+        png = curves.finish(trainer, out, say=say)
+        say(f"done: {name} was the last step ({step}); saved from it in {out}{curves.named(png)}")
+    else:
+        say(
+            f"nothing to train: {name} is the run's last step ({step}), and the run is saved in {out}; "
+            "to train on, raise --max-steps (with --force, since the schedule changes)"
+        )
+    distributed.finish()
+    return TrainResult(out, recipe.mode, metrics={"global_step": step})
+
+
 def _close_progress_bars(trainer) -> None:
     """End the Trainer's open progress bars, so that an error printed next starts on a line of its own."""
     for callback in trainer.callback_handler.callbacks:
@@ -359,3 +322,10 @@ def make_trainer(**kwargs):
     from oasst_peft.trainer import make_trainer as make
 
     return make(**kwargs)
+
+
+def planned_steps(trainer) -> int:
+    """``trainer.planned_steps``, imported when called."""
+    from oasst_peft.trainer import planned_steps as planned
+
+    return planned(trainer)

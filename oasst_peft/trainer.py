@@ -109,6 +109,11 @@ class OasstSFTTrainer(SFTTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
+def planned_steps(trainer: Trainer) -> int:
+    """The optimizer step ``trainer.train()`` runs to: ``max_steps``, or the epochs' worth of this loader."""
+    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+
+
 def make_trainer(fused_loss: bool = True, **kwargs) -> OasstSFTTrainer:
     """The project's trainer (``OasstSFTTrainer``) from SFTTrainer keyword arguments."""
     return OasstSFTTrainer(fused_loss=fused_loss, **kwargs)

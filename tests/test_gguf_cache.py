@@ -132,3 +132,35 @@ def test_harmless_log_records_are_dropped_and_others_kept(caplog):
     finally:
         quiet.uninstall()
     assert [r.getMessage() for r in caplog.records] == ["ZeRO stage 3 is on"]
+
+
+def test_a_cold_cache_trains_the_same_run_as_a_warm_one(monkeypatch, tmp_path):
+    """Making the cached copy must not draw from the seeded RNG that then gives LoRA and new rows their init."""
+    import torch
+    from safetensors.torch import load_file
+
+    from merge_tools import merge
+    from oasst_peft.export import export_gguf
+    from tests.merge.runs import make_base, make_run
+
+    monkeypatch.setenv("OASST_PEFT_CACHE", str(tmp_path / "cache"))
+    quiet = {"say": lambda _m: None}
+    first = make_run(tmp_path, make_base(tmp_path, "llama"), "first", steps=1)  # a base with the oasst tokens
+    merge(first, tmp_path / "first-merged", verify=False, **quiet)
+    gguf = tmp_path / "base.gguf"
+    export_gguf(tmp_path / "first-merged", gguf, qtype="f32", modelfile=False, **quiet)
+    data = write_conversations(tmp_path / "c.jsonl")
+    adapters = []
+    for name in ("cold", "warm"):
+        d = recipe_dict(gguf, data, tmp_path / name, tmp_path / "tok", max_steps=2)
+        train(load_recipe(write_recipe(tmp_path / f"{name}.yaml", d)), say=lambda _m: None)
+        adapters.append(load_file(tmp_path / name / "adapter_model.safetensors"))
+        if name == "cold":
+            assert gguf_cache.cached_if_present(gguf) is not None
+    cold, warm = adapters
+    assert cold.keys() == warm.keys() and all(torch.equal(cold[k], warm[k]) for k in cold)
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    (tmp_path / "cache").rename(tmp_path / "old-cache")
+    gguf_cache.cached_model_dir(gguf)
+    assert torch.equal(torch.get_rng_state(), state)
