@@ -295,8 +295,11 @@ RECIPE_KEYS = tuple(Recipe.model_fields)
 PEFT_KEYS = tuple(PeftSection.model_fields)
 
 
-def apply_override(data: dict, assignment: str) -> None:
-    """Apply one ``a.b=c`` override in place; the value is parsed as YAML (numbers, bools, lists)."""
+def apply_override(data: dict, assignment: str) -> str:
+    """Apply one ``a.b=c`` override in place; the value is parsed as YAML (numbers, bools, lists).
+
+    Returns the dotted key it set, so that a value it makes invalid is blamed on ``--set``, not the file.
+    """
     if "=" not in assignment:
         raise OasstError(f"--set {shown(assignment)}: expected key=value, e.g. --set peft.r=32")
     key, _, raw = assignment.partition("=")
@@ -319,6 +322,7 @@ def apply_override(data: dict, assignment: str) -> None:
             )
         if last:
             node[part] = value
+            return ".".join(parts)
         else:
             valid = PEFT_KEYS if part == "peft" else None
             child = node.get(part)
@@ -341,7 +345,7 @@ def _check_unknown_keys(data: dict, source: str) -> None:
                 )
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, set_keys: tuple[str, ...] = ()) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "recipe"
     msg = first["msg"].removeprefix("Value error, ")
@@ -351,18 +355,27 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         return f"{source}: missing required key '{loc}'{hint}"
     value = first.get("input")
     shown = f" (got {value!r})" if value is not None and not isinstance(value, dict | list) else ""
+    setter = next(
+        (k for k in set_keys if loc == k or loc.startswith(f"{k}.") or k.startswith(f"{loc}.")), None
+    )
+    if setter == loc:
+        return f"--set {loc}: {msg}{shown}"
+    if setter is not None:
+        source = f"--set {setter}"
     return f"{source}: {loc}: {msg}{shown}"
 
 
-def recipe_from_dict(data: dict, source: str = "recipe", path: Path | None = None) -> Recipe:
-    """Validate a recipe mapping; ``source`` names it in errors."""
+def recipe_from_dict(
+    data: dict, source: str = "recipe", path: Path | None = None, set_keys: tuple[str, ...] = ()
+) -> Recipe:
+    """Validate a recipe mapping; ``source`` names it in errors (``set_keys``: keys set by ``--set``)."""
     _check_unknown_keys(data, source)
     if isinstance(data.get("peft"), dict) and data["peft"].get("mode") == "full" and len(data["peft"]) == 1:
         data = {**data, "peft": None}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise OasstError(_format_validation_error(e, source)) from None
+        raise OasstError(_format_validation_error(e, source, set_keys)) from None
     recipe._recipe_path = path
     return recipe
 
@@ -371,6 +384,5 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a recipe file (following ``extends:``), apply ``--set`` overrides, validate."""
     path = Path(path)
     data = read_recipe_file(path)
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return recipe_from_dict(data, source=str(path), path=path.resolve())
+    set_keys = tuple(apply_override(data, assignment) for assignment in overrides)
+    return recipe_from_dict(data, source=str(path), path=path.resolve(), set_keys=set_keys)

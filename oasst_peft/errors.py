@@ -8,6 +8,7 @@ and exits 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from collections.abc import Iterable
 
 
@@ -38,3 +39,12 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ' (did you mean 'x'?)' suffix, or '' when nothing is close."""
     best = closest(word, choices)
     return f" (did you mean '{best}'?)" if best else ""
+
+
+GGUF_INSTALL = "pip install 'oasst-peft[demo]' (or pip install gguf)"
+
+
+def require_module(module: str, needed_for: str, install: str) -> None:
+    """One line, before any library is called, when an optional package a step needs is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise Unavailable(f"{needed_for} needs the {module} package, which is not installed: {install}")

@@ -95,9 +95,8 @@ def cached_model_dir(path: str | Path, say=None) -> Path:
 
 def _dequantize(src: Path, out: Path) -> None:
     """Load the GGUF with transformers and save it as a plain safetensors model folder in ``out``."""
-    from transformers.utils import logging as hf_logging
-
     import torch
+    from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one "dequantizing" line instead of three progress bars

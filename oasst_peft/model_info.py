@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oasst_peft.boundary import user_file
-from oasst_peft.errors import OasstError, Unavailable
+from oasst_peft.errors import GGUF_INSTALL, OasstError, Unavailable, did_you_mean, require_module
 from oasst_peft.model_files import check_folder
 from oasst_peft.shipped import shipped_model_config
 
@@ -37,8 +37,10 @@ class ModelSource:
     def pretrained_args(self) -> tuple[str, dict]:
         """(first argument, extra kwargs) for ``from_pretrained``."""
         if self.kind == "gguf":  # read through the dequantized safetensors cache (oasst_peft.gguf_cache)
-            from oasst_peft.gguf_cache import cached_model_dir
+            from oasst_peft.gguf_cache import cached_if_present, cached_model_dir
 
+            if cached_if_present(self.location) is None:
+                require_module("gguf", f"model_name: reading {Path(self.location).name}", GGUF_INSTALL)
             with user_file("model_name", self.location, MODEL_FIX):  # a truncated or corrupt .gguf
                 return str(cached_model_dir(self.location, say=print)), {}
         return self.location, {}
@@ -54,6 +56,7 @@ class ModelSource:
             if cached is not None:
                 return str(cached), {}
             p = Path(self.location)
+            require_module("gguf", f"model_name: reading {p.name}", GGUF_INSTALL)
             return str(p.parent), {"gguf_file": p.name}
         return self.location, {}
 
@@ -95,7 +98,18 @@ def resolve_model_source(name: str, base_dir: Path | None = None) -> ModelSource
         return ModelSource("dir", str(candidate.resolve()))
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise OasstError(f"model_name: local path not found: {name}")
+    parent = candidate.parent if candidate.parent.is_dir() else None
+    if parent is None and base_dir is not None and (base_dir / candidate.parent).is_dir():
+        parent = base_dir / candidate.parent
+    if parent is not None and str(candidate.parent) != "." and _offline():
+        # "runs/demo-smollm2-typo" beside a local runs/ folder: a mistyped path, not a hub id (offline)
+        near = did_you_mean(candidate.name, [c.name for c in parent.iterdir() if c.is_dir()])
+        raise OasstError(f"model_name: local path not found: {name} (no such folder in {parent}){near}")
     return ModelSource("hub", name)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
 
 def hub_error(
@@ -106,8 +120,7 @@ def hub_error(
     fix: str = "download it once or set model_name to a local folder or .gguf file",
 ) -> OasstError:
     """The one line for a hub model or tokenizer that cannot be loaded from here (offline, or not found)."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    why = "offline (HF_HUB_OFFLINE is set)" if offline else f"could not be loaded ({type(err).__name__})"
+    why = "offline (HF_HUB_OFFLINE is set)" if _offline() else f"could not be loaded ({type(err).__name__})"
     return Unavailable(f"{key}: {what} '{name}' {why} and is not in the local cache; {fix}")
 
 

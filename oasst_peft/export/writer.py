@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from oasst_peft import atomic
-from oasst_peft.errors import OasstError
+from oasst_peft.errors import GGUF_INSTALL, OasstError, require_module
 from oasst_peft.export.gguf_model import (
     TYPES,
     add_hparams,
@@ -106,7 +106,9 @@ def _source_folder(src: Path, scratch: Path, say) -> tuple[Path, bool]:
     _check_base_early(run)
     say(f"export: {src} is a {run.mode} {run.kind}; merging it first (streaming, into a temp folder)")
     merged = scratch / "merged"
-    merge(src, merged, say=lambda line: say(f"  merge: {line}"))
+    merge(
+        src, merged, say=lambda line: say("  " + (line if line.startswith("merge: ") else f"merge: {line}"))
+    )
     return merged, True
 
 
@@ -123,6 +125,11 @@ def export_gguf(
     if qtype not in TYPES:
         raise OasstError(f"--type: '{qtype}' is not one of {', '.join(TYPES)}")
     src, out = Path(src).expanduser(), Path(out).expanduser()
+    if not src.is_dir():  # named before anything about the outputs
+        raise OasstError(
+            f"export: {src} is not a folder; give a merged or full model folder, or a LoRA/QLoRA run"
+        )
+    require_module("gguf", "export", GGUF_INSTALL)
     check_folder(src, key="export")  # its JSON files and safetensors headers, before reading weights
     _check_out(out, overwrite, modelfile)
     out.parent.mkdir(parents=True, exist_ok=True)

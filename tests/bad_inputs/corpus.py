@@ -128,6 +128,18 @@ def run_case(case: Case, c: Corpus, monkeypatch, capsys) -> None:
 
         monkeypatch.setattr(datasets.Dataset, "save_to_disk", full)
 
+    if "cwd" in shared:
+        monkeypatch.chdir(shared["cwd"])
+    if "hide_module" in shared:  # as if that optional package were not installed
+        import importlib.util
+
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda name, *a: None if name == shared["hide_module"] else find_spec(name, *a),
+        )
+
     before = snapshot(c.run)
     with pytest.raises(SystemExit) as e:
         main(argv)

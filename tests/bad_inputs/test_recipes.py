@@ -47,6 +47,11 @@ def _(c):
     return c.train(c.recipe(), "--set", "peft.alhpa=16")
 
 
+@case("set-absurd-value", "error: --set learning_rate: must be > 0 and < 1", "(got 10)")
+def _(c):
+    return c.train(c.recipe(), "--set", "learning_rate=10")  # blamed on --set, not on the recipe file
+
+
 @case("wrong-type-int", "max_length", "valid integer", "(got 'many')")
 def _(c):
     return c.train(c.recipe(max_length="many"))

@@ -39,6 +39,32 @@ def _(c):
     return c.train(c.recipe(model_name=str(folder)))
 
 
+@case("gguf-package-missing", "model_name: reading base.gguf needs the gguf package", "oasst-peft[demo]")
+def _(c):
+    (c.tmp / "base.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    c.shared["hide_module"] = "gguf"
+    return c.train(c.recipe(model_name=str(c.tmp / "base.gguf")))
+
+
+@case("sample-mistyped-run-folder", "MODEL: local path not found: runs/demo-rn", "(did you mean 'demo-run'?)")
+def _(c):
+    (c.tmp / "runs" / "demo-run").mkdir(parents=True)
+    c.shared["cwd"] = c.tmp  # a relative path, as typed: offline, not taken for a hub id
+    return ["sample", "runs/demo-rn"]
+
+
+@case("export-missing-source-beside-a-modelfile", "export:", "nope is not a folder")
+def _(c):
+    (c.tmp / "Modelfile").write_text("FROM ./other.gguf\n")  # left by an earlier export: not the problem
+    return ["export", c.tmp / "nope", "--gguf", c.tmp / "x.gguf"]
+
+
+@case("export-without-the-gguf-package", "export needs the gguf package", "oasst-peft[demo]")
+def _(c):
+    c.shared["hide_module"] = "gguf"
+    return ["export", c.shared["adapter_run"], "--gguf", c.tmp / "x.gguf"]
+
+
 @case("chat-template-missing", "chat_template: file not found", "use 'oasst'")
 def _(c):
     return c.train(c.recipe(chat_template="templates/mine.jinja"))
