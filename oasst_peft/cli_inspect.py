@@ -95,8 +95,16 @@ def recipes(ctx: typer.Context) -> None:
 
     Example: oasst-peft recipes
     """
-    if ctx.invoked_subcommand is not None:
-        return
+    if ctx.invoked_subcommand is None:
+        list_recipes()
+
+
+@recipes_app.command("list")
+def list_recipes() -> None:
+    """The same table as the bare ``oasst-peft recipes``.
+
+    Example: oasst-peft recipes list
+    """
     from rich.console import Console
     from rich.table import Table
 

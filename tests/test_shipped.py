@@ -55,6 +55,14 @@ def test_recipes_command_lists_name_model_mode_and_description():
     row = next(line for line in res.output.splitlines() if "stablelm7b-qlora" in line)
     assert "stabilityai/stablelm-base-alpha-7b" in row and "qlora" in row
     assert "QLoRA" in row or "4-bit" in row  # the recipe's first comment line
+    listed = CliRunner().invoke(app, ["recipes", "list"], terminal_width=200)
+    assert listed.exit_code == 0 and listed.output == res.output
+
+
+def test_every_shipped_recipe_describes_itself_in_one_whole_sentence():
+    for name in shipped.recipe_names():
+        text = shipped.recipe_description(shipped.RECIPES_DIR / f"{name}.yaml")
+        assert text.endswith(".") and len(text) > 20, (name, text)
 
 
 def test_shipped_deepspeed_and_base_model_lookups():

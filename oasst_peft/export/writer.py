@@ -83,6 +83,11 @@ def _check_out(out: Path, overwrite: bool, modelfile: bool) -> None:
     targets = [out] + ([out.parent / MODELFILE] if modelfile else [])
     existing = [p for p in targets if p.exists()]
     if existing and not overwrite:
+        if existing[0].name == MODELFILE:  # most likely another GGUF's, exported into the same folder
+            raise OasstError(
+                f"--gguf: {existing[0]} already exists (another export's?); pass --overwrite to replace it, "
+                "--no-modelfile to write the GGUF alone, or export into another folder"
+            )
         raise OasstError(f"--gguf: {existing[0]} already exists; pass --overwrite to replace it")
 
 
