@@ -55,6 +55,12 @@ HARMLESS: tuple[Harmless, ...] = (
         "runs that use DeepSpeed print their own plan, and the others do not use it",
     ),
     Harmless(
+        message=r"(Creating initial MLflow database tables|Updating database tables)",
+        logger="mlflow.store.db.utils",
+        why="mlflow sets up the run's new sqlite store, whose location the run's tracking: line already "
+        "names; later runs into the same store do not print it",
+    ),
+    Harmless(
         message=r"Failed to load CPU gemm_4bit_forward from kernels-community",
         logger="bitsandbytes.backends.cpu.ops",
         why="bitsandbytes looks for an optional faster CPU 4-bit kernel from the Hub (never reachable "
