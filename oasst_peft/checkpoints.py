@@ -76,7 +76,7 @@ def clear_previous_run(out: Path) -> list[str]:
     if not out.is_dir():
         return []
     removed = []
-    for p in sorted(out.iterdir(), key=_step):
+    for p in sorted(out.iterdir(), key=lambda p: (not p.name.startswith("checkpoint-"), _step(p), p.name)):
         ckpt = p.is_dir() and p.name.startswith("checkpoint-") and _step(p) >= 0
         final = p.is_file() and (
             p.name in (LATEST, "oasst_run.json", "adapter_config.json", "model.safetensors.index.json")
