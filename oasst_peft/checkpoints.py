@@ -22,6 +22,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from oasst_peft.errors import OasstError
+from oasst_peft.run_record import RUN_RECORD
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -79,7 +80,7 @@ def clear_previous_run(out: Path) -> list[str]:
     for p in sorted(out.iterdir(), key=lambda p: (not p.name.startswith("checkpoint-"), _step(p), p.name)):
         ckpt = p.is_dir() and p.name.startswith("checkpoint-") and _step(p) >= 0
         final = p.is_file() and (
-            p.name in (LATEST, "oasst_run.json", "adapter_config.json", "model.safetensors.index.json")
+            p.name in (LATEST, RUN_RECORD, "adapter_config.json", "model.safetensors.index.json")
             or (p.name.endswith(".safetensors") and p.name.startswith(("adapter_model", "model")))
         )
         if ckpt:
