@@ -29,7 +29,11 @@ STATE_FILE = "trainer_state.json"
 
 
 def _step(p: Path) -> int:
-    tail = p.name.rsplit("-", 1)[-1]
+    return _step_of(p.name)
+
+
+def _step_of(name: str) -> int:
+    tail = name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else -1
 
 
@@ -106,7 +110,13 @@ def resolve_resume(out: Path, resume: bool | str) -> str:
     if not path.is_dir():
         path = out / str(resume)
     if not path.is_dir():
-        raise OasstError(f"--resume: checkpoint not found: {resume}")
+        found = sorted(
+            (p.name for p in out.glob("checkpoint-*") if p.is_dir() and _step(p) >= 0), key=_step_of
+        )
+        where = f"{out} holds {', '.join(found)}" if found else f"{out} holds no checkpoint-* folder"
+        raise OasstError(
+            f"--resume: checkpoint not found: {resume} ({where}); name one of them, or --resume alone"
+        )
     if not is_complete(path):
         raise OasstError(
             f"--resume: {path} is incomplete (no readable {STATE_FILE}); pick an earlier checkpoint"

@@ -3,8 +3,9 @@
 On GPUs nothing here changes anything: the HF Trainer and accelerate set up NCCL (and DeepSpeed) as
 usual. On a machine without CUDA, several ranks need three things the Trainer does not do by itself
 (``use_cpu=True`` would silently turn DeepSpeed off, and without it accelerate treats every rank as a
-lone process): tell accelerate DeepSpeed is in use, create its process state on the gloo backend
-before the Trainer, and have the Trainer reuse that state. ``setup`` does exactly that and returns the
+lone process): tell accelerate DeepSpeed is in use (or, without DeepSpeed, that this is a multi-CPU run,
+so the Trainer wraps the model in DDP), create its process state on the gloo backend before the Trainer,
+and have the Trainer reuse that state. ``setup`` does exactly that and returns the
 extra ``TrainingArguments`` it needs. ``zero3_peft_state_dict`` and ``finish`` serve the end of any
 multi-process run, on CPUs and GPUs alike.
 """
@@ -42,7 +43,9 @@ def setup(deepspeed_config: str | None) -> dict:
 
     if deepspeed_config:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo")
+        PartialState(backend="gloo")
+    else:  # plain data parallel: without cpu=True accelerate sees no distributed run, and every rank
+        PartialState(cpu=True, backend="gloo")  # would train alone on its shard (no gradient all-reduce)
     return {"accelerator_config": {"use_configured_state": True}}
 
 

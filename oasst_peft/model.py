@@ -215,6 +215,36 @@ class LoadedModel:
     )
 
 
+def describe(loaded: LoadedModel, recipe: Recipe) -> str:
+    """The run's ``model:`` line: what trains, on which base weights, and how many parameters that is."""
+    model = loaded.model
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft: counts 4-bit weights as unpacked
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        params = list(model.parameters())
+        trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    p = recipe.peft
+    if recipe.mode == "full":
+        what = f"full fine-tuning ({loaded.dtype} weights)"
+    else:
+        kind = "DoRA" if p.dora else ("rsLoRA" if p.rslora else "LoRA")
+        targets = p.target_modules if isinstance(p.target_modules, str) else ", ".join(p.target_modules or [])
+        what = f"{kind} r {p.r}, alpha {p.alpha:g} on {targets or 'peft defaults'}"
+        if recipe.mode == "qlora":
+            dq = ", double quant" if p.bnb_4bit_use_double_quant else ""
+            what = f"QLoRA: 4-bit {p.bnb_4bit_quant_type} base ({loaded.dtype} compute{dq}), {what}"
+        else:
+            what = f"{what}, {loaded.dtype} base"
+    return f"model: {what}; {_count(trainable)} of {_count(total)} parameters trainable"
+
+
+def _count(n: int) -> str:
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
 def load_model(
     recipe: Recipe, tokenizer, fmt: ChatFormat, settings: RunSettings | None = None, say=print
 ) -> LoadedModel:

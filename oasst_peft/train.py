@@ -145,12 +145,13 @@ def train(
     """
     from transformers import set_seed
 
-    from oasst_peft.model import load_model, load_tokenizer
+    from oasst_peft.model import describe, load_model, load_tokenizer
 
     say = distributed.rank_zero(say)  # under a launcher, rank 0 speaks for all
     out = Path(output_dir or recipe.output_dir)
     if not dry_run:
         check_output_dir(out, resume, overwrite)
+        resume = resolve_resume(out, resume) if resume else None
     recipe, run = settings.resolve(recipe, say=say, dry_run=dry_run)  # every per-run decision, said once
     dtype = run.dtype
     tracking.prepare(recipe, out, say=say, dry_run=dry_run)  # report_to: installed, offline-first
@@ -174,7 +175,6 @@ def train(
         say("dry run: nothing was trained or written")
         return TrainResult(out, recipe.mode, dry_run=True, plan=plan)
 
-    resume = resolve_resume(out, resume) if resume else None
     tokenizer, fmt = load_tokenizer(recipe)
     tokenized, _ = prepare_data(recipe, tokenizer, say=say)
     for line in summary_lines(tokenized.stats):  # never silent about truncation and drops
@@ -196,6 +196,7 @@ def train(
         args = training_arguments(recipe, run, out, max_steps, has_eval, batching, **extra_args)
     set_seed(recipe.seed % (2**32))  # new embedding rows and LoRA init: identical on every rank and run
     loaded = load_model(recipe, tokenizer, fmt, run, say=say)
+    say(describe(loaded, recipe))
     attn = loaded.model.config._attn_implementation
     run_fp = fingerprint.with_batching(run_fp, batching.name, attn)
     if resume:  # what this host decided: batching, attention
@@ -216,8 +217,11 @@ def train(
         from oasst_peft.eval_samples import SampleOnEvalCallback
 
         trainer.add_callback(SampleOnEvalCallback(tokenizer, say=say))
-    if resume and steps_done(resume) >= planned_steps(trainer):  # Trainer.train would run one step more
-        return _resumed_run_is_complete(trainer, loaded, tokenizer, fmt, recipe, out, resume, run, say)
+    if resume:
+        done, total = steps_done(resume), planned_steps(trainer)
+        if done >= total:  # Trainer.train would run one step more
+            return _resumed_run_is_complete(trainer, loaded, tokenizer, fmt, recipe, out, resume, run, say)
+        say(f"resume: from {Path(resume).name}, step {done} of {total}")
     if overwrite and not resume:  # only now that everything has loaded: a failed start keeps the old run
         removed = distributed.on_rank_zero(lambda: clear_previous_run(out))
         if removed:

@@ -5,6 +5,7 @@
 
 * ``no-sampler-epoch``: ``speed.SamplerEpoch`` does nothing (the control of the resume-order test);
 * ``local-stop``: ``GracefulStop`` keeps its flag to itself (the control of the stop-flag test);
+* ``dump-trainable``: not a fault: each rank saves its trainable weights after training to ``DUMP_DIR``;
 * ``pause``: rank ``FAULT_RANK`` writes its pid to a marker at the start of step ``FAULT_STEP + 1`` and waits
   for ``<marker>.go``, so a signal sent to that one worker lands inside that step.
 """
@@ -37,6 +38,20 @@ if "local-stop" in faults:
 if "pause" in faults and os.environ.get("RANK") == os.environ.get("FAULT_RANK"):
     from tests.pause import pause_at
     pause_at(int(os.environ["FAULT_STEP"]), Path(os.environ["FAULT_MARKER"]))
+
+if "dump-trainable" in faults:
+    import transformers
+    from safetensors.torch import save_file
+
+    trainer_train = transformers.Trainer.train
+
+    def train(self, *args, **kwargs):
+        result = trainer_train(self, *args, **kwargs)
+        weights = {n: p.detach().clone().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_file(weights, os.path.join(os.environ["DUMP_DIR"], f"rank{os.environ['RANK']}.safetensors"))
+        return result
+
+    transformers.Trainer.train = train
 
 from oasst_peft.cli import main
 

@@ -87,3 +87,12 @@ def test_overwrite_removes_the_older_runs_checkpoints(world):
     assert said and "checkpoint-2, checkpoint-4" in said[0]
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["max_steps"] == 2  # the new run's checkpoint, not the old one's
+
+
+def test_a_resume_says_where_it_continues(world, tmp_path):
+    train(load_recipe(world["recipe"]()), say=lambda m: None)
+    lines = []
+    ckpt = world["out"] / "checkpoint-2"
+    train(load_recipe(world["recipe"]()), resume=str(ckpt), output_dir=tmp_path / "again", say=lines.append)
+    assert "resume: from checkpoint-2, step 2 of 4" in lines
+    assert _checkpoints(tmp_path / "again") == ["checkpoint-4"]

@@ -88,6 +88,17 @@ def _(c):
     return c.train(c.recipe(), "--resume")
 
 
+@case(
+    "resume-named-checkpoint-missing",
+    "checkpoint not found: checkpoint-9",
+    "holds checkpoint-2, checkpoint-4",
+)
+def _(c):
+    for step in (4, 2):
+        (c.run / f"checkpoint-{step}").mkdir(parents=True)
+    return c.train(c.recipe(), "--resume", "checkpoint-9")
+
+
 @case("resume-incomplete-checkpoint", "checkpoint-4 is incomplete", "pick an earlier checkpoint")
 def _(c):
     (c.run / "checkpoint-4").mkdir(parents=True)
