@@ -61,3 +61,12 @@ class BatchReport(TrainerCallback):
             )
             self.say(line)
         return control
+
+
+def after_progress_bar(trainer) -> None:
+    """Move the Trainer's progress bar behind the callbacks added so far, so their start lines print first."""
+    from transformers.trainer_callback import ProgressCallback
+
+    bar = trainer.pop_callback(ProgressCallback)
+    if bar is not None:
+        trainer.add_callback(bar)

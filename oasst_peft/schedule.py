@@ -75,7 +75,25 @@ def describe(recipe, ds_path: str | None) -> str:
     return f"schedule: {kind} ({who}): {shape}; warmup_steps {recipe.warmup_steps}, peak lr {recipe.learning_rate}"
 
 
+FULL_LR_HINT = 1e-4  # above this, full fine-tuning moves every weight by what LoRA's rates move its adapters
+
+
 def settle(recipe, ds_path: str | None, say=print) -> None:
-    """``check``, then print ``describe``'s line."""
+    """``check``, then print ``describe``'s line (and a note when full fine-tuning runs at a LoRA rate)."""
     check(recipe, ds_path)
     say(describe(recipe, ds_path))
+    if recipe.mode == "full" and recipe.learning_rate > FULL_LR_HINT:
+        say(
+            f"learning_rate: {recipe.learning_rate:g} is a LoRA rate; full fine-tuning usually runs at 1e-5 to "
+            "1e-4 (the seed cards used 6e-6 to 1e-5), e.g. --set learning_rate=1e-5"
+        )
+
+
+def warmup_note(recipe, total_steps: int) -> str | None:
+    """A line when the run ends before its warmup does (its learning rate never reaches the peak)."""
+    if recipe.lr_scheduler_type == "constant" or recipe.warmup_steps < total_steps:
+        return None
+    return (
+        f"schedule: warmup_steps {recipe.warmup_steps} >= the run's {total_steps} steps: the learning rate "
+        f"never reaches its peak {recipe.learning_rate:g}"
+    )

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from oasst_peft import batches, curves, distributed, fingerprint, settings, speed, tracking
+from oasst_peft import batches, curves, distributed, fingerprint, schedule, settings, speed, tracking
 from oasst_peft.checkpoints import (
     STATE_FILE,
     GracefulStop,
@@ -217,8 +217,12 @@ def train(
         from oasst_peft.eval_samples import SampleOnEvalCallback
 
         trainer.add_callback(SampleOnEvalCallback(tokenizer, say=say))
+    total = planned_steps(trainer)
+    note = schedule.warmup_note(recipe, total)
+    if note:
+        say(note)
     if resume:
-        done, total = steps_done(resume), planned_steps(trainer)
+        done = steps_done(resume)
         if done >= total:  # Trainer.train would run one step more
             return _resumed_run_is_complete(trainer, loaded, tokenizer, fmt, recipe, out, resume, run, say)
         say(f"resume: from {Path(resume).name}, step {done} of {total}")
@@ -230,6 +234,7 @@ def train(
     trainer.add_callback(LatestPointer())
     trainer.add_callback(speed.SamplerEpoch())
     trainer.add_callback(batches.BatchReport(len(tokenized.train), batching.packing, say=say))
+    batches.after_progress_bar(trainer)  # its line before the bar starts, not inside the bar's line
     trainer.add_callback(fingerprint.FingerprintCallback(run_fp.to_dict()))
     trainer.add_callback(stopper)
     trainer.add_callback(tracking.end_runs_callback())

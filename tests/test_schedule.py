@@ -118,3 +118,18 @@ def test_zero2_on_two_ranks_follows_the_transformers_schedule(tmp_path):
         sched.step()
         expected.append(sched.get_last_lr()[0])
     assert logged == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_a_run_shorter_than_its_warmup_and_a_full_run_at_a_lora_rate_are_noted():
+    from oasst_peft import schedule
+
+    lines = []
+    full = _recipe(learning_rate=1e-3, warmup_steps=5)
+    schedule.settle(full, None, say=lines.append)
+    assert any(line.startswith("learning_rate: 0.001 is a LoRA rate") for line in lines)
+    assert schedule.warmup_note(full, 5).startswith("schedule: warmup_steps 5 >= the run's 5 steps")
+    assert schedule.warmup_note(full, 6) is None
+    lines.clear()
+    lora = _recipe(learning_rate=1e-3, peft={"mode": "lora"})
+    schedule.settle(lora, None, say=lines.append)
+    assert len(lines) == 1  # the schedule line only
