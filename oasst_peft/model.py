@@ -221,8 +221,8 @@ def describe(loaded: LoadedModel, recipe: Recipe) -> str:
     if hasattr(model, "get_nb_trainable_parameters"):  # peft: counts 4-bit weights as unpacked
         trainable, total = model.get_nb_trainable_parameters()
     else:
-        params = list(model.parameters())
-        trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        sizes = [(getattr(p, "ds_numel", 0) or p.numel(), p.requires_grad) for p in model.parameters()]
+        trainable, total = sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)  # ds_numel: ZeRO-3
     p = recipe.peft
     if recipe.mode == "full":
         what = f"full fine-tuning ({loaded.dtype} weights)"

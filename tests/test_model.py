@@ -132,3 +132,26 @@ def test_weights_dtype_for_half_precision_training(tmp_path, monkeypatch, mode, 
     base = loaded.model.get_base_model() if mode == "lora" else loaded.model
     assert base.get_input_embeddings().weight.dtype == expected
     assert any("fp32 master weights" in line for line in lines) == (expected == torch.float32)
+
+
+def test_the_model_line_says_what_trains_and_how_many_parameters():
+    from peft import LoraConfig, get_peft_model
+
+    from oasst_peft.model import LoadedModel, _count, describe
+    from oasst_peft.model_info import ModelSource
+
+    model = make_model("llama", make_tokenizer("llama"))
+    total = sum(p.numel() for p in model.parameters())
+    src = ModelSource("dir", "base")
+    full = recipe_from_dict({"model_name": "base", "datasets": ["alpaca"]})
+    line = describe(LoadedModel(model, src, "fp32", 0, 0, []), full)
+    assert (
+        line
+        == f"model: full fine-tuning (fp32 weights); {_count(total)} of {_count(total)} parameters trainable"
+    )
+    lora = recipe_from_dict({"model_name": "base", "datasets": ["alpaca"], "peft": {"mode": "lora", "r": 4}})
+    wrapped = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    line = describe(LoadedModel(wrapped, src, "bf16", 0, 0, []), lora)
+    assert line.startswith("model: LoRA r 4, alpha ") and "on all-linear, bf16 base; " in line
+    assert f"; {_count(trainable)} of {_count(total + trainable)} parameters trainable" in line
