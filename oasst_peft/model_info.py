@@ -240,7 +240,7 @@ def load_model_config(model_name: str, base_dir: Path | None = None, trust_remot
         shipped = shipped_model_config(source.location)
         if shipped is not None:
             return AutoConfig.from_pretrained(str(shipped.parent))
-        if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        if _offline():
             raise Unavailable(
                 f"model_name: no shipped config for '{model_name}' and HF_HUB_OFFLINE is set; point model_name "
                 "at a local model folder or .gguf file, or add recipes/base_models/<org>__<name>/config.json"

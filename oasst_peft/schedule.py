@@ -89,6 +89,21 @@ def settle(recipe, ds_path: str | None, say=print) -> None:
         )
 
 
+def warmup_callback(recipe, say=print):
+    """A Trainer callback that says ``warmup_note`` when training begins, once the Trainer has counted the
+    run's steps (transformers is imported only here: this module stays light for ``plan`` and the CLI)."""
+    from transformers import TrainerCallback
+
+    class WarmupNote(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            note = warmup_note(recipe, state.max_steps)
+            if note:
+                say(note)
+            return control
+
+    return WarmupNote()
+
+
 def warmup_note(recipe, total_steps: int) -> str | None:
     """A line when the run ends before its warmup does (its learning rate never reaches the peak)."""
     if recipe.lr_scheduler_type == "constant" or recipe.warmup_steps < total_steps:

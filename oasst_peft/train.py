@@ -217,12 +217,8 @@ def train(
         from oasst_peft.eval_samples import SampleOnEvalCallback
 
         trainer.add_callback(SampleOnEvalCallback(tokenizer, say=say))
-    total = planned_steps(trainer)
-    note = schedule.warmup_note(recipe, total)
-    if note:
-        say(note)
     if resume:
-        done = steps_done(resume)
+        done, total = steps_done(resume), planned_steps(trainer)
         if done >= total:  # Trainer.train would run one step more
             return _resumed_run_is_complete(trainer, loaded, tokenizer, fmt, recipe, out, resume, run, say)
         say(f"resume: from {Path(resume).name}, step {done} of {total}")
@@ -234,6 +230,7 @@ def train(
     trainer.add_callback(LatestPointer())
     trainer.add_callback(speed.SamplerEpoch())
     trainer.add_callback(batches.BatchReport(len(tokenized.train), batching.packing, say=say))
+    trainer.add_callback(schedule.warmup_callback(recipe, say=say))
     batches.after_progress_bar(trainer)  # its line before the bar starts, not inside the bar's line
     trainer.add_callback(fingerprint.FingerprintCallback(run_fp.to_dict()))
     trainer.add_callback(stopper)
@@ -258,9 +255,8 @@ def train(
             + curves.named(png)
         )
         return TrainResult(out, recipe.mode, metrics=dict(result.metrics), interrupted=True)
-    command = [Path(sys.argv[0]).name, *sys.argv[1:]]
     try:
-        save_run(trainer, loaded, tokenizer, fmt, recipe, out, command, run.deepspeed_path)
+        save_run(trainer, loaded, tokenizer, fmt, recipe, out, _command(), run.deepspeed_path)
     except Exception as e:
         error = run_error(e, out)
         if error is None:
@@ -290,7 +286,7 @@ def _resumed_run_is_complete(trainer, loaded, tokenizer, fmt, recipe, out: Path,
 
         trainer._load_from_checkpoint(resume)  # (what Trainer.train loads on a resume, minus the optimizer)
         trainer.state = TrainerState.load_from_json(str(Path(resume) / STATE_FILE))
-        save_run(trainer, loaded, tokenizer, fmt, recipe, out, [Path(sys.argv[0]).name, *sys.argv[1:]])
+        save_run(trainer, loaded, tokenizer, fmt, recipe, out, _command())
         png = curves.finish(trainer, out, say=say)
         say(f"done: {name} was the last step ({step}); saved from it in {out}{curves.named(png)}")
     else:
@@ -300,6 +296,11 @@ def _resumed_run_is_complete(trainer, loaded, tokenizer, fmt, recipe, out: Path,
         )
     distributed.finish()
     return TrainResult(out, recipe.mode, metrics={"global_step": step})
+
+
+def _command() -> list[str]:
+    """The command line this run was started with, as the run record keeps it."""
+    return [Path(sys.argv[0]).name, *sys.argv[1:]]
 
 
 def _close_progress_bars(trainer) -> None:

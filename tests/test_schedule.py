@@ -129,6 +129,11 @@ def test_a_run_shorter_than_its_warmup_and_a_full_run_at_a_lora_rate_are_noted()
     assert any(line.startswith("learning_rate: 0.001 is a LoRA rate") for line in lines)
     assert schedule.warmup_note(full, 5).startswith("schedule: warmup_steps 5 >= the run's 5 steps")
     assert schedule.warmup_note(full, 6) is None
+    said = []
+    from types import SimpleNamespace
+
+    schedule.warmup_callback(full, say=said.append).on_train_begin(None, SimpleNamespace(max_steps=3), None)
+    assert said == [schedule.warmup_note(full, 3)]  # said once the Trainer has counted the steps
     lines.clear()
     lora = _recipe(learning_rate=1e-3, peft={"mode": "lora"})
     schedule.settle(lora, None, say=lines.append)
