@@ -8,7 +8,6 @@ whole tensor or a range of rows. A folder of pickle ``.bin`` weights is refused 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from merge_tools.errors import MergeError
 from merge_tools.io import DTYPE_NAMES, SafetensorsFile, element_size, numel
+from oasst_peft.offline import hub_offline
 
 
 @dataclass(frozen=True)
@@ -151,15 +151,6 @@ class MemoryStore(TensorStore):
         return self.state[name][a:b]
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
-        "TRANSFORMERS_OFFLINE", ""
-    ) not in (
-        "",
-        "0",
-    )
-
-
 def resolve_base(base: str | Path | None, record: dict | None, adapter_config: dict | None) -> BaseSource:
     """The base to merge into: ``--base`` > the run record's base_model > the adapter's base_model_name_or_path."""
     if base:
@@ -227,11 +218,11 @@ def _hub_folder(repo: str) -> Path:
         raise MergeError(f"base '{repo}' is a hub id but huggingface_hub is not installed") from None
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:
-        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=_offline()))
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=hub_offline()))
     except Exception as e:  # noqa: BLE001 - hub errors come in many types; all mean the same here
         why = (
             "offline (HF_HUB_OFFLINE is set)"
-            if _offline()
+            if hub_offline()
             else f"could not be downloaded ({type(e).__name__})"
         )
         raise MergeError(

@@ -9,13 +9,13 @@ the meta device. Nothing here loads weights.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from oasst_peft.boundary import user_file
 from oasst_peft.errors import GGUF_INSTALL, OasstError, Unavailable, did_you_mean, require_module
 from oasst_peft.model_files import check_folder
+from oasst_peft.offline import hub_offline
 from oasst_peft.shipped import shipped_model_config
 
 # Which coefficient row a model_type uses: RMSNorm + gated MLP ("llama"), LayerNorm + 2-matrix MLP with rotary
@@ -101,15 +101,11 @@ def resolve_model_source(name: str, base_dir: Path | None = None) -> ModelSource
     parent = candidate.parent if candidate.parent.is_dir() else None
     if parent is None and base_dir is not None and (base_dir / candidate.parent).is_dir():
         parent = base_dir / candidate.parent
-    if parent is not None and str(candidate.parent) != "." and _offline():
+    if parent is not None and str(candidate.parent) != "." and hub_offline():
         # "runs/demo-smollm2-typo" beside a local runs/ folder: a mistyped path, not a hub id (offline)
         near = did_you_mean(candidate.name, [c.name for c in parent.iterdir() if c.is_dir()])
         raise OasstError(f"model_name: local path not found: {name} (no such folder in {parent}){near}")
     return ModelSource("hub", name)
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
 
 def hub_error(
@@ -120,7 +116,9 @@ def hub_error(
     fix: str = "download it once or set model_name to a local folder or .gguf file",
 ) -> OasstError:
     """The one line for a hub model or tokenizer that cannot be loaded from here (offline, or not found)."""
-    why = "offline (HF_HUB_OFFLINE is set)" if _offline() else f"could not be loaded ({type(err).__name__})"
+    why = (
+        "offline (HF_HUB_OFFLINE is set)" if hub_offline() else f"could not be loaded ({type(err).__name__})"
+    )
     return Unavailable(f"{key}: {what} '{name}' {why} and is not in the local cache; {fix}")
 
 
@@ -240,7 +238,7 @@ def load_model_config(model_name: str, base_dir: Path | None = None, trust_remot
         shipped = shipped_model_config(source.location)
         if shipped is not None:
             return AutoConfig.from_pretrained(str(shipped.parent))
-        if _offline():
+        if hub_offline():
             raise Unavailable(
                 f"model_name: no shipped config for '{model_name}' and HF_HUB_OFFLINE is set; point model_name "
                 "at a local model folder or .gguf file, or add recipes/base_models/<org>__<name>/config.json"

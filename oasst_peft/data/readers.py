@@ -12,7 +12,6 @@ import glob
 import gzip
 import io
 import json
-import os
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from oasst_peft.errors import OasstError, Unavailable
+from oasst_peft.offline import hub_offline
 
 MALFORMED = "malformed_row"
 
@@ -170,19 +170,11 @@ def iter_file_rows(path: Path, problems: Problems) -> Iterator[tuple[str, object
         yield from _json_lines(path, problems)
 
 
-def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set to a true value."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return True
-    return False
-
-
 def iter_hub_rows(
     key: str, option: str, hub_id: str, config: str | None, split: str, data_files=None, **kwargs
 ) -> Iterator[tuple[str, object]]:
     """Rows of a hub dataset; offline or unreachable is one OasstError naming the local-file key."""
-    if hub_offline():
+    if hub_offline(datasets=True):
         raise Unavailable(
             f"datasets: {key}: needs {hub_id} from the hub, which is offline here (HF_HUB_OFFLINE); "
             f"download it and set {option}: PATH under {key} in the recipe"
