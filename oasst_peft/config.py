@@ -133,7 +133,7 @@ class Recipe(BaseModel):
         False, description="flash_attention_2 when installed on CUDA, else sdpa"
     )
     output_dir: str = Field("saved_model", description="where the run writes (relative to the current dir)")
-    log_dir: str | None = Field(None, description="tensorboard log dir (default: <output_dir>/logs)")
+    log_dir: str | None = Field(None, description="tensorboard log dir (default: <output_dir>/runs)")
     report_to: list[str] | str | None = Field(
         None,
         description="trackers: tensorboard, wandb, mlflow or none, e.g. [tensorboard, mlflow] (default: "

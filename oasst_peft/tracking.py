@@ -96,6 +96,24 @@ def _set(key: str, value: str) -> None:
         _ours[key] = value
 
 
+TENSORBOARD_DIR = "TENSORBOARD_LOGGING_DIR"  # what transformers' TensorBoard callback reads
+
+
+def _tensorboard_dir(recipe, out: Path) -> str:
+    """Where the event files go: the recipe's ``log_dir``, else the user's TENSORBOARD_LOGGING_DIR, else
+    ``<out>/runs`` (transformers adds a timestamped folder under it). A ``log_dir`` an earlier run in this
+    process set is taken back, so it does not leak into a run whose recipe has none."""
+    log_dir = getattr(recipe, "log_dir", None)
+    if log_dir:
+        os.environ[TENSORBOARD_DIR] = _ours[TENSORBOARD_DIR] = str(Path(log_dir).expanduser().resolve())
+        return os.environ[TENSORBOARD_DIR]
+    if _user_set(TENSORBOARD_DIR):
+        return os.environ[TENSORBOARD_DIR]
+    if _ours.pop(TENSORBOARD_DIR, None) is not None:
+        os.environ.pop(TENSORBOARD_DIR, None)
+    return str(out / "runs")
+
+
 def _has_wandb_key(host: str) -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -149,7 +167,7 @@ def prepare(recipe, out: Path, say=print, dry_run: bool = False) -> list[str]:
             _set(key, value)
     lines = []
     if "tensorboard" in trackers:
-        lines.append(f"tensorboard in {getattr(recipe, 'log_dir', None) or out / 'runs'}")
+        lines.append(f"tensorboard in {_tensorboard_dir(recipe, out)}")
     if "wandb" in trackers:
         _set("WANDB_DIR", str(out))
         _set("WANDB_PROJECT", "oasst-peft")

@@ -8,7 +8,6 @@ markers) and TRL turns it into labels. The output dir gets the standard HF/PEFT 
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -203,8 +202,6 @@ def train(
         fingerprint.check_resume(resume, run_fp, force=force, say=say, runtime_only=True)
     if args is None:  # see RunSettings.arguments_before_load
         args = training_arguments(recipe, run, out, max_steps, has_eval, batching, **extra_args)
-    if recipe.log_dir:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(recipe.log_dir))
     trainer = make_trainer(
         fused_loss=recipe.fused_loss,
         model=loaded.model,

@@ -176,3 +176,32 @@ def test_wandb_offline_run_folder_holds_the_history(tmp_path):
             if "train/loss" in items:
                 history[items["train/global_step"]] = items["train/loss"]
     assert history == pytest.approx(_losses(out)) and len(history) == 3
+
+
+def test_log_dir_of_one_run_does_not_leak_into_the_next(clean_env, tmp_path):
+    """Two train() calls in one process: the second recipe has no log_dir, so its events go to its own dir."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'oasst-peft[dev]')")
+    from oasst_peft.train import train
+
+    base = write_base(tmp_path / "base")
+    data = write_conversations(tmp_path / "c.jsonl", n=4)
+    said: list[str] = []
+    common = dict(report_to=["tensorboard"], save_steps=0, max_steps=1)
+    first = recipe_dict(
+        base, data, tmp_path / "a", tmp_path / "cache", log_dir=str(tmp_path / "tb"), **common
+    )
+    train(recipe_from_dict(first), say=said.append)
+    second = recipe_dict(base, data, tmp_path / "b", tmp_path / "cache", **common)
+    train(recipe_from_dict(second), say=said.append)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "the first run's log_dir holds its events"
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1, "the second run wrote there too"
+    assert list((tmp_path / "b" / "runs").glob("*/events.out.tfevents.*")), (
+        "the second run's events are in b/runs"
+    )
+    assert f"tracking: tensorboard in {(tmp_path / 'b').resolve() / 'runs'}" in said
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ
+    # A TENSORBOARD_LOGGING_DIR of the user's own is kept when the recipe names none.
+    clean_env.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "mine"))
+    third = recipe_dict(base, data, tmp_path / "c", tmp_path / "cache", **common)
+    train(recipe_from_dict(third), say=said.append)
+    assert list((tmp_path / "mine").glob("events.out.tfevents.*"))
