@@ -117,9 +117,12 @@ def hub_error(
 ) -> OasstError:
     """The one line for a hub model or tokenizer that cannot be loaded from here (offline, or not found)."""
     why = (
-        "offline (HF_HUB_OFFLINE is set)" if hub_offline() else f"could not be loaded ({type(err).__name__})"
+        "the hub is offline (HF_HUB_OFFLINE is set)" if hub_offline() else f"it failed ({type(err).__name__})"
     )
-    return Unavailable(f"{key}: {what} '{name}' {why} and is not in the local cache; {fix}")
+    return Unavailable(
+        f"{key}: '{name}' is not a local path, so it was looked up as a hub id; {why} and its {what} is not in "
+        f"the local cache; {fix}"
+    )
 
 
 @dataclass(frozen=True)

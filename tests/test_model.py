@@ -47,7 +47,11 @@ def test_hub_id_offline_is_one_line(monkeypatch):
     r = recipe("someone/not-cached-model-xyz")
     with pytest.raises(OasstError) as e:
         load_tokenizer(r)
-    assert "offline" in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value) == (
+        "model_name: 'someone/not-cached-model-xyz' is not a local path, so it was looked up as a hub id; the hub "
+        "is offline (HF_HUB_OFFLINE is set) and its tokenizer is not in the local cache; download it once or set "
+        "model_name to a local folder or .gguf file"
+    )
 
 
 def test_pickle_weights_are_refused(tmp_path):
