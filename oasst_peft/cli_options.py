@@ -44,6 +44,5 @@ def say(line: str) -> None:
 
 def recipe_from(path: Path, overrides: list[str] | None):
     from oasst_peft.config import load_recipe
-    from oasst_peft.shipped import find_recipe
 
-    return load_recipe(find_recipe(path), overrides or [])  # a path wins over a shipped recipe's name
+    return load_recipe(path, overrides or [])  # a path wins over a shipped recipe's name

@@ -25,6 +25,7 @@ from oasst_peft.bounds import PEFT_RANGES, QUANT_STORAGE, RANGES, SCHEDULERS, ST
 from oasst_peft.errors import OasstError, did_you_mean, shown
 from oasst_peft.recipe_yaml import read_recipe_file
 from oasst_peft.shipped import DEEPSPEED_NAMES as SHIPPED_DEEPSPEED
+from oasst_peft.shipped import find_recipe
 from oasst_peft.tracking import check_report_to
 
 DTYPES = ("fp16", "bf16", "fp32")
@@ -381,8 +382,9 @@ def recipe_from_dict(
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe file (following ``extends:``), apply ``--set`` overrides, validate."""
-    path = Path(path)
+    """Read a recipe file, or a shipped recipe by name (a path wins), following ``extends:``; apply ``--set``
+    overrides (``"key.sub=value"``); validate."""
+    path = find_recipe(path)
     data = read_recipe_file(path)
     set_keys = tuple(apply_override(data, assignment) for assignment in overrides)
     return recipe_from_dict(data, source=str(path), path=path.resolve(), set_keys=set_keys)

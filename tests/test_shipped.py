@@ -31,6 +31,30 @@ def test_a_path_wins_over_a_name(tmp_path, monkeypatch):
         shipped.find_recipe("stablelm7b-qlor")
 
 
+def test_python_api_loads_a_shipped_recipe_by_name_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside a checkout: no recipes/ folder here
+    recipe = load_recipe("demo-smollm2", ["max_steps=10"])
+    assert recipe.max_steps == 10
+    assert recipe.recipe_path == (shipped.RECIPES_DIR / "demo-smollm2.yaml").resolve()
+    with pytest.raises(OasstError, match="no such recipe file or shipped recipe"):
+        load_recipe("demo-smolm2")
+
+
+def test_python_m_oasst_peft_is_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "oasst_peft", "recipes"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "demo-smollm2" in proc.stdout
+
+
 def test_copy_works_where_it_is_written(tmp_path):
     out = shipped.copy_recipe("demo-smollm2", tmp_path)
     assert out == tmp_path / "demo-smollm2.yaml"
