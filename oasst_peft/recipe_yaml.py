@@ -1,6 +1,8 @@
 """A recipe file read: YAML parsed safely, ``extends:`` followed, every problem one line naming the file.
 
 Only the file layer: the mapping it returns is checked against the schema in ``oasst_peft.config``.
+A relative path in a recipe means relative to the file that wrote it, so the paths a parent recipe in
+another folder passes down through ``extends:`` are made absolute against that parent's folder.
 """
 
 from __future__ import annotations
@@ -38,6 +40,41 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+# Dataset options that hold file paths (a string or a list of them), resolved against the recipe's folder.
+DATASET_PATH_OPTIONS = ("input_file_path", "data_files")
+# Top-level keys that may name a file or folder beside the recipe (else a hub id, a shipped name, ...).
+_MAYBE_PATHS = ("model_name", "tokenizer_name", "chat_template", "deepspeed_config")
+
+
+def _anchored(value, folder: Path, must_exist: bool):
+    """``value`` made absolute against ``folder`` when it is a relative path (that exists there)."""
+    if not isinstance(value, str) or not value or value.startswith(("package:", "~")) or "\x00" in value:
+        return value
+    path = Path(value)
+    if path.is_absolute() or (must_exist and not (folder / path).exists()):
+        return value
+    return str(folder / path)
+
+
+def _anchor_paths(data: dict, folder: Path) -> dict:
+    """The parent recipe ``data`` with its relative paths made absolute against its own ``folder``."""
+    for key in _MAYBE_PATHS:
+        if key in data:
+            data[key] = _anchored(data[key], folder, must_exist=True)
+    entries = data.get("datasets") if isinstance(data.get("datasets"), list) else []
+    for entry in entries:
+        for opts in entry.values() if isinstance(entry, dict) else []:
+            if not isinstance(opts, dict):
+                continue
+            for opt in DATASET_PATH_OPTIONS:
+                value = opts.get(opt)
+                if isinstance(value, list):
+                    opts[opt] = [_anchored(v, folder, must_exist=False) for v in value]
+                elif value is not None:
+                    opts[opt] = _anchored(value, folder, must_exist=False)
+    return data
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -63,5 +100,5 @@ def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     parent_path = Path(parent)
     if not parent_path.is_absolute():
         parent_path = path.parent / parent_path
-    base = read_recipe_file(parent_path, (*seen, path))
+    base = _anchor_paths(read_recipe_file(parent_path, (*seen, path)), parent_path.resolve().parent)
     return _deep_merge(base, data)

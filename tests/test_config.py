@@ -61,6 +61,37 @@ def test_extends_and_later_keys_win(tmp_path):
     assert "extends" not in r.to_dict()
 
 
+def test_extends_from_another_folder_keeps_the_parents_relative_paths(tmp_path):
+    """A parent recipe's relative paths mean relative to the parent, wherever the child lives."""
+    from oasst_peft.data import parse_datasets
+
+    shared = tmp_path / "shared"
+    (shared / "data").mkdir(parents=True)
+    (shared / "data" / "convs.jsonl").write_text("{}\n")
+    (shared / "ds.json").write_text("{}")
+    (shared / "tiny-model").mkdir()
+    write(
+        shared,
+        "model_name: tiny-model\ndeepspeed_config: ds.json\nchat_template: oasst\n"
+        "datasets:\n  - chat: {data_files: data/convs.jsonl, format: messages}\n  - alpaca\n",
+        "base.yaml",
+    )
+    (tmp_path / "me").mkdir()
+    child = write(tmp_path / "me", "extends: ../shared/base.yaml\nlearning_rate: 1.0e-5\n")
+    r = load_recipe(child)
+    assert Path(r.model_name) == shared / "tiny-model" and Path(r.deepspeed_config) == shared / "ds.json"
+    assert r.chat_template == "oasst"  # not a path
+    spec = parse_datasets(r.datasets, r.recipe_dir)[0]
+    assert [Path(f).resolve() for f in spec.data_files] == [(shared / "data" / "convs.jsonl").resolve()]
+    # What the child writes itself stays relative to the child.
+    own = write(
+        tmp_path / "me",
+        "extends: ../shared/base.yaml\ndatasets: [{chat: {data_files: mine.jsonl, format: messages}}]\n",
+    )
+    spec = parse_datasets(load_recipe(own).datasets, load_recipe(own).recipe_dir)[0]
+    assert [Path(f) for f in spec.data_files] == [tmp_path / "me" / "mine.jsonl"]
+
+
 def test_extends_cycle_is_one_line(tmp_path):
     write(tmp_path, "extends: b.yaml\n" + MINIMAL, "a.yaml")
     write(tmp_path, "extends: a.yaml\n", "b.yaml")

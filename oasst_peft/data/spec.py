@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from oasst_peft.data.registry import dataset_names, get_dataset_info
 from oasst_peft.data.sources import FORMATS
 from oasst_peft.errors import OasstError, did_you_mean, shown
+from oasst_peft.recipe_yaml import DATASET_PATH_OPTIONS
 
 
 class DatasetSpec(BaseModel):
@@ -148,7 +149,7 @@ def parse_spec(name: str, opts: dict, key: str, base_dir: Path) -> DatasetSpec:
             f"datasets: {shown(key)}: unknown option '{shown(opt)}'{hint}; options: {', '.join(allowed)}"
         )
     data = dict(opts)
-    for k in ("input_file_path", "data_files"):
+    for k in DATASET_PATH_OPTIONS:
         if isinstance(data.get(k), str):
             data[k] = _resolve(data[k], base_dir)
         elif isinstance(data.get(k), list):
