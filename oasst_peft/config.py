@@ -23,6 +23,7 @@ from pydantic import (
 
 from oasst_peft.bounds import PEFT_RANGES, QUANT_STORAGE, RANGES, SCHEDULERS, STEPS, check_range
 from oasst_peft.errors import OasstError, did_you_mean, shown
+from oasst_peft.key_aliases import key_hint
 from oasst_peft.recipe_yaml import read_recipe_file
 from oasst_peft.shipped import DEEPSPEED_NAMES as SHIPPED_DEEPSPEED
 from oasst_peft.shipped import find_recipe
@@ -319,7 +320,7 @@ def apply_override(data: dict, assignment: str) -> str:
             where = ".".join(parts[:i]) or "recipe"
             raise OasstError(
                 f"--set {shown(key)}: unknown key '{shown(part)}' in {shown(where)}"
-                + did_you_mean(part, valid)
+                + key_hint(part, valid, "peft" if where == "peft" else None)
             )
         if last:
             node[part] = value
@@ -336,13 +337,13 @@ def apply_override(data: dict, assignment: str) -> str:
 def _check_unknown_keys(data: dict, source: str) -> None:
     for key in data:
         if key not in RECIPE_KEYS:
-            raise OasstError(f"{source}: unknown key '{shown(key)}'" + did_you_mean(str(key), RECIPE_KEYS))
+            raise OasstError(f"{source}: unknown key '{shown(key)}'" + key_hint(str(key), RECIPE_KEYS))
     peft = data.get("peft")
     if isinstance(peft, dict):
         for key in peft:
             if key not in PEFT_KEYS:
                 raise OasstError(
-                    f"{source}: unknown key 'peft.{shown(key)}'" + did_you_mean(str(key), PEFT_KEYS)
+                    f"{source}: unknown key 'peft.{shown(key)}'" + key_hint(str(key), PEFT_KEYS, "peft")
                 )
 
 

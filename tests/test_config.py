@@ -205,3 +205,42 @@ def test_cli_usage_error_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("base_model: x\ndatasets: [alpaca]\n", "unknown key 'base_model' (here it is model_name)"),
+        ("model_name: x\ndatasets: [alpaca]\nlora_r: 8\n", "unknown key 'lora_r' (here it is peft.r)"),
+        (
+            "model_name: x\ndatasets: [alpaca]\npeft: {rank: 8}\n",
+            "unknown key 'peft.rank' (here it is peft.r)",
+        ),
+        (
+            "model_name: x\ndatasets: [alpaca]\nsequence_len: 8\n",
+            "unknown key 'sequence_len' (here it is max_length)",
+        ),
+        ("model_name: x\ndatasets: [alpaca]\nlearnig_rate: 1\n", "(did you mean 'learning_rate'?)"),
+    ],
+)
+def test_other_trainers_key_names_point_at_ours(tmp_path, text, message):
+    with pytest.raises(OasstError) as e:
+        load_recipe(write(tmp_path, text))
+    assert str(e.value).startswith(str(tmp_path / "r.yaml")) and str(e.value).endswith(message)
+
+
+def test_every_alias_names_a_real_key():
+    from oasst_peft import key_aliases
+    from oasst_peft.config import PEFT_KEYS, RECIPE_KEYS
+
+    for alias, target in key_aliases.TOP_LEVEL.items():
+        assert alias not in RECIPE_KEYS
+        first = target.split()[0].rstrip(":")
+        if first == "nothing":
+            continue
+        if first.startswith("peft."):
+            assert first.removeprefix("peft.") in PEFT_KEYS, alias
+        else:
+            assert first in RECIPE_KEYS or first == "val_split", alias
+    for alias, target in key_aliases.PEFT.items():
+        assert alias not in PEFT_KEYS and target.split()[0].rstrip(":") in PEFT_KEYS, alias
