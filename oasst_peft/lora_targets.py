@@ -10,27 +10,42 @@ from __future__ import annotations
 
 import re
 
-from oasst_peft.errors import OasstError, Unavailable, shown
+from oasst_peft.errors import OasstError, Unavailable, did_you_mean, shown
 
 
-def module_names(config) -> list[str]:
-    """Full names of the modules of the model ``config`` describes (built on the meta device)."""
+def named_modules(config) -> dict[str, object]:
+    """Full name -> module of the model ``config`` describes (built on the meta device)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return [name for name, _ in model.named_modules() if name]
+    return {name: module for name, module in model.named_modules() if name}
+
+
+def _matched(target: str, names, regex: bool) -> list[str]:
+    if regex:
+        return [n for n in names if re.fullmatch(target, n)]
+    return [n for n in names if n == target or n.endswith("." + target)]
 
 
 def matches(targets: str | list[str], names: list[str]) -> bool:
     if isinstance(targets, str):
-        return any(re.fullmatch(targets, n) for n in names)
-    return any(n == t or n.endswith("." + t) for t in targets for n in names)
+        return bool(_matched(targets, names, regex=True))
+    return any(_matched(t, names, regex=False) for t in targets)
+
+
+def _adaptable() -> tuple[type, ...]:
+    """The layer types peft's LoRA wraps (transformers' Conv1D is GPT-2's linear layer)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
 
 
 def check_target_modules(recipe) -> None:
-    """One line when the recipe's LoRA targets match no module of its base (also checks the base's config)."""
+    """One line when a LoRA target of the recipe matches no module of its base, or a module LoRA cannot
+    wrap (also checks the base's config)."""
     from oasst_peft.model_info import load_model_config
 
     try:
@@ -46,10 +61,39 @@ def check_target_modules(recipe) -> None:
         raise OasstError(
             f"peft.target_modules: '{shown(targets)}' is not a valid regular expression ({e})"
         ) from None
-    names = module_names(config)
-    if not matches(targets, names):
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "." in n})
-        raise OasstError(
-            f"peft.target_modules: {shown(targets)} matches no module of {recipe.model_name}; use all-linear "
-            f"or some of: {', '.join(leaves[:20])}"
-        )
+    modules = named_modules(config)
+    names = list(modules)
+    leaves = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in modules.items() if "." in n and isinstance(m, _adaptable())}
+    )
+    some = f"use all-linear or some of: {', '.join(leaves[:20])}"
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    for target in wanted:
+        found = _matched(target, names, regex=isinstance(targets, str))
+        if not found and isinstance(targets, str) and target in leaves:
+            raise OasstError(
+                f"peft.target_modules: the string '{shown(target)}' is a regular expression over full module "
+                f"names (such as {next(n for n in names if n.endswith('.' + target))}), so it matches none; "
+                f"write a list, [{shown(target)}], for module names"
+            )
+        if not found:
+            what = shown(targets) if isinstance(targets, str) else f"'{shown(target)}'"
+            raise OasstError(
+                f"peft.target_modules: {what} matches no module of {recipe.model_name}"
+                f"{did_you_mean(str(target), leaves)}; {some}"
+            )
+        wrong = [n for n in found if not isinstance(modules[n], _adaptable())]
+        if wrong:
+            kind = type(modules[wrong[0]]).__name__
+            inner = sorted(
+                {
+                    c.rsplit(".", 1)[-1]
+                    for c in names
+                    if c.startswith(wrong[0] + ".") and isinstance(modules[c], _adaptable())
+                }
+            )
+            inside = f"; name the layers inside it instead: {', '.join(inner)}" if inner else f"; {some}"
+            raise OasstError(
+                f"peft.target_modules: '{shown(target)}' matches {wrong[0]}, a {kind}, which LoRA cannot "
+                f"adapt (only Linear, Embedding and Conv layers){inside}"
+            )

@@ -102,6 +102,25 @@ def _(c):
     return c.train(c.recipe(peft={"mode": "lora", "dropout": 1.5}))
 
 
+@case(
+    "lora-target-typo",
+    "peft.target_modules: 'dense_h_to_4x' matches no module",
+    "(did you mean 'dense_h_to_4h'?)",
+)
+def _(c):  # one good name does not hide a mistyped one
+    return c.train(c.recipe(peft={"mode": "lora", "target_modules": ["query_key_value", "dense_h_to_4x"]}))
+
+
+@case("lora-target-string", "the string 'query_key_value' is a regular expression", "[query_key_value]")
+def _(c):
+    return c.train(c.recipe(peft={"mode": "lora", "target_modules": "query_key_value"}))
+
+
+@case("lora-target-not-linear", "a GPTNeoXMLP, which LoRA cannot adapt", "dense_4h_to_h, dense_h_to_4h")
+def _(c):
+    return c.train(c.recipe(peft={"mode": "lora", "target_modules": ["mlp"]}))
+
+
 @case("missing-recipe", "nope.yaml: recipe file not found", "oasst-peft recipes")
 def _(c):
     return c.train(c.tmp / "nope.yaml")
