@@ -17,12 +17,13 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect a recipe's data mix b
 recipes_app = typer.Typer(help="The shipped recipes: list them, or copy one to edit.")
 
 
-def _tokenized(r):
+def _tokenized(r, as_json: bool = False):
     from oasst_peft.data.prepare import prepare_data
     from oasst_peft.model import load_tokenizer
 
     tokenizer, _ = load_tokenizer(r)
-    tokenized, _ = prepare_data(r, tokenizer, say=say)
+    notes = (lambda line: typer.echo(line, err=True)) if as_json else say  # stdout stays pure JSON
+    tokenized, _ = prepare_data(r, tokenizer, say=notes)
     return tokenizer, tokenized
 
 
@@ -39,7 +40,7 @@ def data_stats(
     from oasst_peft.data import data_stats as compute
     from oasst_peft.data import format_stats
 
-    _, tokenized = _tokenized(recipe_from(recipe, set_))
+    _, tokenized = _tokenized(recipe_from(recipe, set_), as_json)
     stats = compute(tokenized)
     if as_json:
         typer.echo(json.dumps(stats, indent=2))
@@ -61,7 +62,7 @@ def data_preview(
     from oasst_peft.data import data_preview as compute
     from oasst_peft.data import format_preview
 
-    tokenizer, tokenized = _tokenized(recipe_from(recipe, set_))
+    tokenizer, tokenized = _tokenized(recipe_from(recipe, set_), as_json)
     preview = compute(tokenized, tokenizer, n=n)
     if as_json:
         typer.echo(json.dumps(preview, indent=2, ensure_ascii=False))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from oasst_peft.data.conversation import check_conversation
-from oasst_peft.data.readers import Problems, expand_files, iter_file_rows, iter_hub_rows
+from oasst_peft.data.readers import MALFORMED, Problems, expand_files, iter_file_rows, iter_hub_rows
 from oasst_peft.data.registry import Context, DatasetInfo, get_dataset_info
 from oasst_peft.data.sources import FORMATS
 from oasst_peft.data.spec import DatasetSpec
@@ -194,6 +194,20 @@ def _convert_rows(spec: DatasetSpec, info: DatasetInfo | None, seed: int, proble
     if finish is not None:
         convs.extend(finish(ctx))
     return convs
+
+
+def skipped_lines(mix: Mix) -> list[str]:
+    """One line per dataset that skipped rows it could not read, with the first one's file and line."""
+    lines = []
+    for key, part in mix.parts.items():
+        n = part.dropped["train"][MALFORMED] + part.dropped["validation"][MALFORMED]
+        if n and MALFORMED in part.first_problem:
+            rows = "row" if n == 1 else "rows"
+            lines.append(
+                f"data: {key}: skipped {n:,} malformed {rows}; first: {part.first_problem[MALFORMED]} "
+                "(on_error: fail stops at the first)"
+            )
+    return lines
 
 
 def _emptied(part: DatasetPart, what: str) -> OasstError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from oasst_peft.data.mix import load_mix
+from oasst_peft.data.mix import load_mix, skipped_lines
 from oasst_peft.data.spec import parse_datasets
 from oasst_peft.data.tokenize import tokenize_mix
 from oasst_peft.errors import Unavailable
@@ -36,6 +36,8 @@ def prepare_data(recipe: Recipe, tokenizer, say=print, tolerate_unavailable: boo
         if not usable:
             return None, unavailable
         mix = load_mix(usable, seed=recipe.seed)
+    for line in skipped_lines(mix):  # a few bad rows are skipped, never silently
+        say(line)
     tokenized = tokenize_mix(
         mix,
         tokenizer,

@@ -4,6 +4,7 @@ validation, and the SFT-7 mix from a recipe pointed at local fixtures."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,28 @@ def test_sft7_recipe_on_local_fixtures_builds_train_and_validation(tmp_path):
 def test_committed_export_fixture_matches_its_builder():
     lines = (FIX / "oasst_export.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(x) for x in lines] == fixture_trees()
+
+
+def test_skipped_rows_are_said_with_the_first_file_and_line(tmp_path):
+    """A few bad rows are skipped, and train / data stats say where the first one is (stdout stays JSON)."""
+    import subprocess
+    import sys
+
+    from tests.tiny_run import recipe_dict, write_base, write_recipe
+
+    data = chat_file(tmp_path / "c.jsonl", 6)
+    lines = data.read_text().splitlines()
+    lines.insert(2, "{not json")
+    data.write_text("\n".join(lines) + "\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        recipe_dict(write_base(tmp_path / "base"), data, tmp_path / "run", tmp_path / "cache"),
+    )
+    cmd = [sys.executable, "-m", "oasst_peft", "data", "stats", str(recipe), "--json"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert stats["datasets"]["chat"]["train"]["dropped"] == {"malformed_row": 1}
+    assert f"data: chat: skipped 1 malformed row; first: {data}:3: not valid JSON" in proc.stderr
