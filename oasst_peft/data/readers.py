@@ -95,6 +95,8 @@ def _json_lines(path: Path, problems: Problems) -> Iterator[tuple[str, object]]:
     try:
         with open_binary(path) as f:
             for lineno, line in enumerate(f, 1):
+                if lineno == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM some editors write
                 if not line.strip():
                     continue
                 try:
@@ -112,7 +114,7 @@ def _json_lines(path: Path, problems: Problems) -> Iterator[tuple[str, object]]:
 def _json_array(path: Path) -> Iterator[tuple[str, object]]:
     try:
         with open_binary(path) as f:
-            data = json.loads(f.read())
+            data = json.loads(f.read().removeprefix(b"\xef\xbb\xbf"))
     except (OSError, EOFError, zlib.error) as e:
         raise _read_error(path, e) from None
     except ValueError as e:
@@ -141,7 +143,7 @@ def _parquet(path: Path) -> Iterator[tuple[str, object]]:
 def _csv(path: Path, problems: Problems) -> Iterator[tuple[str, object]]:
     try:
         with open_binary(path) as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")  # Excel writes a BOM
             reader = csv.DictReader(text)
             for row in reader:
                 where = f"{path}:{reader.line_num}"

@@ -114,8 +114,21 @@ def dolly15k(row: dict, ctx: Context):
 
 
 def alpaca_conversation(row: dict, ctx: Context):
-    """instruction (+ input on the next line when non-empty) / output."""
-    return qa(_joined(_text(row, "instruction"), _text(row, "input")), _text(row, "output"))
+    """instruction (+ input on the next line when non-empty) / output. ``input`` may be absent, and the
+    optional ``system`` and ``history`` ([[prompt, reply], ...] before this exchange) fields of
+    LLaMA-Factory's alpaca layout become a system turn and earlier turns."""
+    last = qa(
+        _joined(_text(row, "instruction"), _text(row, "input") if "input" in row else ""),
+        _text(row, "output"),
+    )
+    system = _text(row, "system") if row.get("system") is not None else ""
+    history = row.get("history") or []
+    if not isinstance(history, list) or not all(
+        isinstance(h, list | tuple) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history
+    ):
+        raise TypeError("field 'history' must be a list of [prompt, reply] string pairs")
+    earlier = [t for prompt, reply in history for t in (turn("user", prompt), turn("assistant", reply))]
+    return [*([turn("system", system)] if system else []), *earlier, *last]
 
 
 register_dataset("alpaca", hub_id="yahma/alpaca-cleaned", description="Alpaca (cleaned)")(alpaca_conversation)

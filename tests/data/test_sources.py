@@ -256,3 +256,42 @@ def test_entries_forms_paths_and_duplicate_keys(tmp_path):
     assert specs[2].data_files == [str(tmp_path / "x.json")]
     assert specs[3].lang == ["en", "de"]
     assert specs[0].val_split == 0.05
+
+
+def test_alpaca_without_input_and_with_llama_factory_system_and_history(tmp_path):
+    rows = [
+        {"instruction": "Name a colour.", "output": "Teal."},  # no input field at all
+        {
+            "instruction": "And one more?",
+            "input": "",
+            "output": "Ochre.",
+            "system": "Answer in one word.",
+            "history": [["Name a colour.", "Teal."]],
+        },
+        {"instruction": "Bad history.", "output": "x", "history": ["not a pair"]},
+    ]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    part = load("alpaca", data_files=str(path))
+    assert part.train == [
+        [u("Name a colour."), a("Teal.")],
+        [s("Answer in one word."), u("Name a colour."), a("Teal."), u("And one more?"), a("Ochre.")],
+    ]
+    assert dict(part.dropped["train"]) == {"malformed_row": 1}
+
+
+def test_a_utf8_bom_is_not_part_of_the_first_field(tmp_path):
+    """Excel and some editors start a CSV or JSON file with a byte-order mark."""
+    rows = [{"INSTRUCTION": "What is 2 + 2?", "RESPONSE": "4.", "SOURCE": "mine"}]
+    csv_path = tmp_path / "gsm.csv"
+    with csv_path.open("w", newline="", encoding="utf-8-sig") as f:
+        w = csv.DictWriter(f, fieldnames=["INSTRUCTION", "RESPONSE", "SOURCE"])
+        w.writeheader()
+        w.writerows(rows)
+    jsonl = tmp_path / "gsm.jsonl"
+    jsonl.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8-sig")
+    array = tmp_path / "gsm.json"
+    array.write_text(json.dumps(rows), encoding="utf-8-sig")
+    for path in (csv_path, jsonl, array):
+        part = load("grade_school_math_instructions", data_files=str(path))
+        assert part.train == [[u("What is 2 + 2?"), a("4.")]], path.name
