@@ -37,6 +37,23 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from oasst_peft import __version__
+
+        typer.echo(f"oasst-peft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Open-Assistant-style SFT (full, LoRA, QLoRA) from one YAML recipe, and exact adapter merges."""
+
+
 @app.command()
 def train(
     recipe: RecipeArg,

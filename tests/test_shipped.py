@@ -53,6 +53,12 @@ def test_python_m_oasst_peft_is_the_command(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "demo-smollm2" in proc.stdout
+    from importlib.metadata import version
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "oasst_peft", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout == f"oasst-peft {version('oasst-peft')}\n"
 
 
 def test_copy_works_where_it_is_written(tmp_path):
