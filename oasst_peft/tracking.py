@@ -159,7 +159,8 @@ def prepare(recipe, out: Path, say=print, dry_run: bool = False) -> list[str]:
             raise OasstError(line)
         say(f"tracking: unavailable here: {line}")
     if dry_run:
-        say(f"tracking: {', '.join(trackers)}")
+        absent = {t for t in trackers if t in PACKAGES and not installed(t)}
+        say("tracking: " + ", ".join(f"{t} (not installed here)" if t in absent else t for t in trackers))
         return trackers
     out = Path(out).resolve()
     for tracker in trackers:

@@ -205,3 +205,15 @@ def test_log_dir_of_one_run_does_not_leak_into_the_next(clean_env, tmp_path):
     third = recipe_dict(base, data, tmp_path / "c", tmp_path / "cache", **common)
     train(recipe_from_dict(third), say=said.append)
     assert list((tmp_path / "mine").glob("events.out.tfevents.*"))
+
+
+def test_dry_run_names_a_tracker_that_is_not_installed_once_and_plainly(clean_env, tmp_path, monkeypatch):
+    recipe = recipe_from_dict(_recipe(tmp_path, report_to=["tensorboard", "wandb"]))
+    monkeypatch.setattr(tracking, "installed", lambda t: t != "wandb")
+    said: list[str] = []
+    tracking.prepare(recipe, tmp_path / "a", say=said.append, dry_run=True)
+    assert said == [
+        "tracking: unavailable here: report_to: wandb is not installed; pip install 'oasst-peft[wandb]' or remove "
+        "wandb from report_to",
+        "tracking: tensorboard, wandb (not installed here)",
+    ]
