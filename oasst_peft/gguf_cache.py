@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from oasst_peft.errors import OasstError
+from oasst_peft.errors import GGUF_INSTALL, OasstError, require_module
 
 CACHE_ENV = "OASST_PEFT_CACHE"
 FORMAT = "v1"  # part of each entry's name: a change in what is stored starts new entries
@@ -64,6 +64,7 @@ def cached_model_dir(path: str | Path, say=None) -> Path:
     target = cache_dir_for(src)
     if (target / _DONE).is_file():
         return target
+    require_module("gguf", f"reading {src.name}", GGUF_INSTALL)  # transformers reads GGUF with it
     if say:
         say(f"gguf: dequantizing {src.name} once into {target} (later loads read the safetensors copy)")
     try:

@@ -65,6 +65,15 @@ def _(c):
     return ["export", c.shared["adapter_run"], "--gguf", c.tmp / "x.gguf"]
 
 
+@case(
+    "merge-gguf-base-without-the-gguf-package", "reading base.gguf needs the gguf package", "oasst-peft[demo]"
+)
+def _(c):
+    (c.tmp / "base.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    c.shared["hide_module"] = "gguf"
+    return ["merge", c.shared["adapter_run"], "--base", c.tmp / "base.gguf", "--out", c.tmp / "merged"]
+
+
 @case("chat-template-missing", "chat_template: file not found", "use 'oasst'")
 def _(c):
     return c.train(c.recipe(chat_template="templates/mine.jinja"))
