@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -124,7 +123,8 @@ def list_recipes() -> None:
 def recipes_copy(
     name: Annotated[str, typer.Argument(help="a shipped recipe's name (see: oasst-peft recipes)")],
     dest: Annotated[
-        Path | None, typer.Argument(help="file or folder to write (default: the current folder)")
+        str | None,  # a str, not a Path: "newdir/" must keep its slash (a folder to create)
+        typer.Argument(help="file or folder to write; a name ending in / is a folder (default: here)"),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing file")] = False,
 ) -> None:

@@ -137,6 +137,11 @@ def find_recipe(value: str | Path) -> Path:
             + did_you_mean(name, recipe_names())
             + " (list them with: oasst-peft recipes)"
         )
+    if path.stem in recipe_names() and path.suffix in (".yaml", ".yml", ""):
+        # "recipes/demo-smollm2.yaml" typed outside a checkout: the shipped recipe is there by its name
+        raise OasstError(
+            f"{text}: recipe file not found; the shipped recipe of that name is '{path.stem}', use that"
+        )
     return path  # load_recipe says the file is missing
 
 
@@ -174,6 +179,10 @@ def copy_recipe(name: str, dest: str | Path | None = None, overwrite: bool = Fal
     import yaml
 
     source = find_recipe(name)
+    if not source.is_file():
+        raise OasstError(
+            f"{name}: no such recipe file or shipped recipe (list them with: oasst-peft recipes)"
+        )
     target = Path(dest) if dest is not None else Path.cwd()
     if target.is_dir() or (dest is not None and str(dest).endswith(("/", "\\"))):
         target = target / source.name

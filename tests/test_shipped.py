@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from oasst_peft import shipped
-from oasst_peft.cli import app
+from oasst_peft.cli import app, main
 from oasst_peft.config import load_recipe
 from oasst_peft.errors import OasstError
 
@@ -100,3 +100,23 @@ def test_shipped_deepspeed_and_base_model_lookups():
     assert shipped.read_deepspeed("zero3-offload").offload_params
     assert shipped.shipped_model_config("EleutherAI/pythia-12b-deduped").is_file()
     assert set(shipped.DEEPSPEED_NAMES) == {p.stem for p in shipped.DEEPSPEED_DIR.glob("*.json")}
+
+
+def test_recipes_copy_cli_into_a_new_folder_and_bad_sources(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["recipes", "copy", "demo-smollm2", "newdir/"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "newdir" / "demo-smollm2.yaml").is_file()
+    for source, message in [
+        (
+            "recipes/demo-smollm2.yaml",
+            "the shipped recipe of that name is 'demo-smollm2'",
+        ),  # outside a checkout
+        ("foo/bar.yaml", "foo/bar.yaml: no such recipe file or shipped recipe"),
+    ]:
+        with pytest.raises(SystemExit) as code:
+            main(["recipes", "copy", source, "x.yaml"])
+        err = capsys.readouterr().err
+        assert code.value.code == 1 and message in err and err.count("\n") == 1, err
+    with pytest.raises(OasstError, match="the shipped recipe of that name is 'stablelm7b-qlora'"):
+        load_recipe("recipes/stablelm7b-qlora.yaml")
