@@ -88,7 +88,7 @@ def train(
 ) -> None:
     """Train as the recipe says.
 
-    Example: oasst-peft train recipes/demo-smollm2.yaml --set max_steps=20
+    Example: oasst-peft train demo-smollm2 --set max_steps=20
     """
     r = recipe_from(recipe, set_)
     resume_arg: bool | str | None = True if resume == "latest" else resume

@@ -34,7 +34,7 @@ def data_stats(
 ) -> None:
     """Per dataset and split: conversations, turns, tokens, trained tokens, truncated, dropped and why.
 
-    Example: oasst-peft data stats recipes/demo-smollm2.yaml --json
+    Example: oasst-peft data stats demo-smollm2 --json
     """
     from oasst_peft.data import data_stats as compute
     from oasst_peft.data import format_stats
@@ -56,7 +56,7 @@ def data_preview(
 ) -> None:
     """The rendered text of N examples and, token by token, which tokens carry loss.
 
-    Example: oasst-peft data preview recipes/demo-smollm2.yaml --n 2
+    Example: oasst-peft data preview demo-smollm2 --n 2
     """
     from oasst_peft.data import data_preview as compute
     from oasst_peft.data import format_preview
@@ -78,7 +78,7 @@ def plan(
 ) -> None:
     """Parameter counts and per-GPU memory for the recipe's mode and for full/LoRA/QLoRA, ZeRO-2/3.
 
-    Example: oasst-peft plan recipes/stablelm7b-qlora.yaml --gpu-mem 24
+    Example: oasst-peft plan stablelm7b-qlora --gpu-mem 24
     """
     from oasst_peft.plan import format_plan, plan_recipe
 
