@@ -210,10 +210,10 @@ def sample_cmd(
 
     Example: oasst-peft sample runs/demo-smollm2 --config greedy --config typical --out report.json
     """
-    from oasst_peft.sample import format_report, load_prompts, sample, write_report
+    from oasst_peft.sample import check_report_path, format_report, load_prompts, sample, write_report
 
-    if out is not None and out.is_dir():
-        raise OasstError(f"--out: {out} is a folder; give a file name such as report.json")
+    if out is not None:
+        check_report_path(out)  # before the model loads, so no replies are lost to a bad path
     report = sample(
         model,
         adapter=adapter,

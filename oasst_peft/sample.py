@@ -256,13 +256,21 @@ def sample(
 # ---------------------------------------------------------------- report
 
 
-def write_report(report: dict, path: str | Path) -> Path:
-    """Write the report as JSON, atomically (temp file beside the target, then rename)."""
+def check_report_path(path: str | Path) -> Path:
+    """``--out`` checked before anything is generated: a file name, under a folder (made if missing)."""
     p = Path(path)
     if p.is_dir():
         raise OasstError(f"--out: {p} is a folder; give a file name such as report.json")
-    if not p.parent.is_dir():
-        raise OasstError(f"--out: folder {p.parent} does not exist; create it first")
+    blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+    if blocked is not None:
+        raise OasstError(f"--out: {blocked} is a file, so {p} cannot be written; choose another path")
+    return p
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    """Write the report as JSON, atomically (temp file beside the target, then rename); the folder is made."""
+    p = check_report_path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
     return atomic.write_json(p, report)
 
 

@@ -403,3 +403,10 @@ def test_sample_on_eval_recipe_key_logs_replies_during_training(tmp_path):
     assert len(samples) == 6 and sum("step 4" in s for s in samples) == 3
     assert WIDGET_PROMPTS[0] in samples[0]
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").rglob("*"))
+
+
+def test_report_goes_into_a_folder_made_for_it(tmp_path):
+    from oasst_peft.sample import write_report
+
+    path = write_report({"rows": []}, tmp_path / "new" / "deeper" / "report.json")
+    assert json.loads(path.read_text()) == {"rows": []}

@@ -74,6 +74,12 @@ def _(c):
     return ["merge", c.shared["adapter_run"], "--base", c.tmp / "base.gguf", "--out", c.tmp / "merged"]
 
 
+@case("sample-out-under-a-file", "--out:", "is a file, so", "choose another path")
+def _(c):  # refused before the model loads, so no replies are generated and then lost
+    (c.tmp / "taken").write_text("a file, not a folder")
+    return ["sample", c.shared["adapter_run"], "--out", c.tmp / "taken" / "report.json"]
+
+
 @case("chat-template-missing", "chat_template: file not found", "use 'oasst'")
 def _(c):
     return c.train(c.recipe(chat_template="templates/mine.jinja"))
