@@ -333,9 +333,12 @@ def test_moved_base_model_is_one_line(lora_run, tmp_path):
         sample(run)
 
 
-def test_report_to_a_missing_folder_is_one_line(tmp_path):
-    with pytest.raises(OasstError, match="does not exist"):
-        write_report({}, tmp_path / "no" / "r.json")
+def test_report_goes_into_a_folder_made_for_it_and_not_under_a_file(tmp_path):
+    path = write_report({"rows": []}, tmp_path / "new" / "deeper" / "report.json")
+    assert json.loads(path.read_text()) == {"rows": []}
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(OasstError, match="is a file, so"):
+        write_report({}, tmp_path / "taken" / "r.json")
 
 
 # ---------------------------------------------------------------- command line and recipe key
@@ -403,10 +406,3 @@ def test_sample_on_eval_recipe_key_logs_replies_during_training(tmp_path):
     assert len(samples) == 6 and sum("step 4" in s for s in samples) == 3
     assert WIDGET_PROMPTS[0] in samples[0]
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").rglob("*"))
-
-
-def test_report_goes_into_a_folder_made_for_it(tmp_path):
-    from oasst_peft.sample import write_report
-
-    path = write_report({"rows": []}, tmp_path / "new" / "deeper" / "report.json")
-    assert json.loads(path.read_text()) == {"rows": []}
