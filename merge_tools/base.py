@@ -15,7 +15,10 @@ import torch
 
 from merge_tools.errors import MergeError
 from merge_tools.io import DTYPE_NAMES, SafetensorsFile, element_size, numel
+from oasst_peft.errors import OasstError
+from oasst_peft.model_info import resolve_model_source
 from oasst_peft.offline import hub_offline
+from oasst_peft.run_record import RunRecord
 
 
 @dataclass(frozen=True)
@@ -156,13 +159,18 @@ def resolve_base(base: str | Path | None, record: dict | None, adapter_config: d
     if base:
         name, why = str(base), "--base"
     elif record and record.get("base_model"):
-        name, why = str(record["base_model"]), "the run record (oasst_run.json)"
+        name, why = str(RunRecord.from_dict(record).base_location()), "the run record (oasst_run.json)"
     elif adapter_config and adapter_config.get("base_model_name_or_path"):
         name, why = str(adapter_config["base_model_name_or_path"]), "adapter_config.json"
     else:
         raise MergeError(
             "no base model recorded for this adapter; pass --base MODEL (a folder, .gguf file or hub id)"
         )
+    if name.startswith("package:"):  # a file inside an installed Python package, as recipes name it
+        try:
+            name = resolve_model_source(name).location
+        except OasstError as e:
+            raise MergeError(f"{why}: {str(e).removeprefix('model_name: ')}") from None
     p = Path(name).expanduser()
     if p.exists():
         if p.is_file():

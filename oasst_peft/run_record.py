@@ -24,6 +24,7 @@ class RunRecord:
 
     base_model: str | None = None
     base_kind: str = "dir"  # dir | gguf | hub
+    base_package: str | None = None  # "package:pkg/file" as the recipe named it: found again in a new venv
     mode: str = "full"
     dtype: str = "fp32"
     eot_token: str | None = None
@@ -47,6 +48,19 @@ class RunRecord:
         if not isinstance(data, dict):
             raise RunRecordError("not a JSON object")
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def base_location(self) -> str | None:
+        """Where the base is now: the recorded path, or, when a rebuilt environment moved an installed
+        package's file, the same ``package:`` file found again."""
+        if self.base_package and self.base_model and not Path(self.base_model).exists():
+            from oasst_peft.errors import OasstError
+            from oasst_peft.model_info import resolve_model_source
+
+            try:
+                return resolve_model_source(self.base_package).location
+            except OasstError:
+                return self.base_model  # the caller says the base is not there
+        return self.base_model
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / RUN_RECORD

@@ -61,6 +61,7 @@ def save_run(
         record = RunRecord(
             base_model=loaded.source.location,
             base_kind=loaded.source.kind,
+            base_package=recipe.model_name if str(recipe.model_name).startswith("package:") else None,
             mode=recipe.mode,
             dtype=loaded.dtype,
             eot_token=fmt.eot,

@@ -101,7 +101,7 @@ def _base_from_record(adapter_dir: Path, record: RunRecord | None):
     from oasst_peft.model_info import ModelSource
 
     if record and record.base_model:
-        source = ModelSource(record.base_kind or "dir", str(record.base_model))
+        source = ModelSource(record.base_kind or "dir", str(record.base_location()))
         if source.kind != "hub" and not Path(source.location).exists():
             raise OasstError(
                 f"{adapter_dir}: its base model {source.location} (from {RUN_RECORD}) is not there; "
