@@ -56,8 +56,9 @@ def _anchored(value, folder: Path, must_exist: bool):
     return str(folder / path)
 
 
-def _anchor_paths(data: dict, folder: Path) -> dict:
-    """The parent recipe ``data`` with its relative paths made absolute against its own ``folder``."""
+def anchor_paths(data: dict, folder: Path) -> dict:
+    """Recipe ``data`` with its relative paths made absolute against ``folder``, the folder of the file
+    that wrote them: a parent recipe's, or the recipe a saved run copy came from."""
     for key in _MAYBE_PATHS:
         if key in data:
             data[key] = _anchored(data[key], folder, must_exist=True)
@@ -100,5 +101,5 @@ def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     parent_path = Path(parent)
     if not parent_path.is_absolute():
         parent_path = path.parent / parent_path
-    base = _anchor_paths(read_recipe_file(parent_path, (*seen, path)), parent_path.resolve().parent)
+    base = anchor_paths(read_recipe_file(parent_path, (*seen, path)), parent_path.resolve().parent)
     return _deep_merge(base, data)

@@ -11,8 +11,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from oasst_peft import distributed
 from oasst_peft.config import Recipe
+from oasst_peft.recipe_yaml import anchor_paths
 from oasst_peft.run_record import RECIPE_RECORD, RUN_RECORD, RunRecord
 
 
@@ -57,7 +60,11 @@ def save_run(
             trainer.save_model(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         gen.save_pretrained(str(tmp))
-        (tmp / RECIPE_RECORD).write_text(recipe.to_yaml(), encoding="utf-8")
+        # Its paths made absolute, so that `oasst-peft train runs/x/oasst_recipe.yaml` finds the same files.
+        saved = anchor_paths(recipe.to_dict(), recipe.recipe_dir)
+        (tmp / RECIPE_RECORD).write_text(
+            yaml.safe_dump(saved, sort_keys=False, allow_unicode=True), encoding="utf-8"
+        )
         record = RunRecord(
             base_model=loaded.source.location,
             base_kind=loaded.source.kind,

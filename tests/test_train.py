@@ -272,3 +272,24 @@ def test_dry_run_without_a_tokenizer_still_checks_the_dataset_names(monkeypatch)
     recipe = recipe_from_dict({"model_name": "EleutherAI/pythia-12b-deduped", "datasets": ["dolly15"]})
     with pytest.raises(OasstError, match="unknown dataset 'dolly15' \\(did you mean 'dolly15k'\\?\\)"):
         train(recipe, dry_run=True, say=lambda _line: None)
+
+
+def test_the_saved_recipe_trains_again_from_anywhere(tmp_path, monkeypatch):
+    """A recipe with relative data paths is saved with them made absolute, so the run's copy works."""
+    from oasst_peft.data import parse_datasets
+    from tests.tiny_run import write_recipe
+
+    base = write_base(tmp_path / "project" / "base")
+    (tmp_path / "project" / "data").mkdir()
+    write_conversations(tmp_path / "project" / "data" / "convs.jsonl", n=4)
+    d = recipe_dict(
+        base, Path("data/convs.jsonl"), tmp_path / "run", tmp_path / "cache", max_steps=1, save_steps=0
+    )
+    d["model_name"] = "base"  # relative to the recipe's folder too
+    recipe = load_recipe(write_recipe(tmp_path / "project" / "r.yaml", d))
+    train(recipe, say=lambda _: None)
+    monkeypatch.chdir(tmp_path)
+    saved = load_recipe(tmp_path / "run" / "oasst_recipe.yaml")
+    assert Path(saved.model_name) == (tmp_path / "project" / "base")
+    spec = parse_datasets(saved.datasets, saved.recipe_dir)[0]
+    assert [Path(f) for f in spec.data_files] == [tmp_path / "project" / "data" / "convs.jsonl"]
