@@ -114,6 +114,16 @@ def _tensorboard_dir(recipe, out: Path) -> str:
     return str(out / "runs")
 
 
+def _mlflow_experiment(uri: str, name: str, artifacts: Path) -> None:
+    """The run's experiment in its own store, with its artifacts beside it: mlflow's default experiment
+    would put them in ``./mlruns`` of whatever folder train was started from."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=artifacts.resolve().as_uri())
+
+
 def _has_wandb_key(host: str) -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -181,6 +191,10 @@ def prepare(recipe, out: Path, say=print, dry_run: bool = False) -> list[str]:
         uri = os.environ["MLFLOW_TRACKING_URI"]
         if "mlflow" in sys.modules:  # mlflow keeps the first URI it was given for the whole process
             sys.modules["mlflow"].set_tracking_uri(uri)
+        if not _user_set("MLFLOW_TRACKING_URI"):
+            _set("MLFLOW_EXPERIMENT_NAME", "oasst-peft")
+            out.mkdir(parents=True, exist_ok=True)
+            _mlflow_experiment(uri, os.environ["MLFLOW_EXPERIMENT_NAME"], out / "mlartifacts")
         lines.append(f"mlflow in {uri}")
     if "wandb" in trackers or "mlflow" in trackers:
         out.mkdir(parents=True, exist_ok=True)  # wandb's dir and the SQLite file must have a folder

@@ -136,6 +136,9 @@ def test_mlflow_local_store_holds_the_runs_loss(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert len(runs) == 1
+    experiment = client.get_experiment(runs[0].info.experiment_id)
+    assert experiment.name == "oasst-peft"  # not mlflow's Default, whose artifacts go to ./mlruns
+    assert experiment.artifact_location == (out.resolve() / "mlartifacts").as_uri()
     logged = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "loss")}
     assert logged == pytest.approx(_losses(out)) and len(logged) == 3
 
