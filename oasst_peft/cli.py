@@ -27,6 +27,7 @@ from oasst_peft.cli_options import (
     known_configs,
     recipe_from,
     say,
+    template_choice,
 )
 from oasst_peft.errors import OasstError
 
@@ -203,7 +204,11 @@ def sample_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="prompts generated together (left padded)")] = 8,
     dtype: Annotated[Dtype | None, typer.Option(help="default: fp32 on CPU")] = None,
     chat_template: Annotated[
-        str | None, typer.Option(help="use this template instead of the one saved with the model")
+        str | None,
+        typer.Option(
+            callback=template_choice,
+            help="saved (the model's own, default) | oasst (install the Open-Assistant template first)",
+        ),
     ] = None,
 ) -> None:
     """Reply to prompts with the saved chat template; print a table and optionally write a JSON report.

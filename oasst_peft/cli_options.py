@@ -25,6 +25,17 @@ Dtype = Literal["fp16", "bf16", "fp32"]
 SAMPLING_NAMES = ("greedy", "typical", "nucleus", "beam")  # sample.SAMPLING_CONFIGS, without importing torch
 
 
+TEMPLATE_CHOICES = ("saved", "oasst")
+
+
+def template_choice(value: str | None) -> str | None:
+    if value is not None and value not in TEMPLATE_CHOICES:
+        raise typer.BadParameter(
+            f"'{value}' is not saved (the model's own template) or oasst (the Open-Assistant one)"
+        )
+    return value
+
+
 def known_configs(values: list[str] | None) -> list[str] | None:
     for v in values or []:
         if v not in SAMPLING_NAMES:

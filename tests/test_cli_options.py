@@ -20,6 +20,10 @@ BAD = [
     (["sample", "m", "--seed", "-3"], "--seed"),
     (["sample", "m", "--config", "wild"], "'wild' is not one of greedy, typical, nucleus, beam"),
     (["sample", "m", "--dtype", "int8"], "--dtype"),
+    (
+        ["sample", "m", "--chat-template", "x.jinja"],
+        "'x.jinja' is not saved (the model's own template) or oasst",
+    ),
     (["merge", "r", "--out", "o", "--dtype", "f8"], "--dtype"),
     (["merge", "r", "--out", "o", "--qlora-base", "nf5"], "--qlora-base"),
     (["data", "preview", "r.yaml", "--n", "-1"], "--n"),
