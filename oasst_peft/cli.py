@@ -93,6 +93,17 @@ def train(
     """
     r = recipe_from(recipe, set_)
     resume_arg: bool | str | None = True if resume == "latest" else resume
+    from oasst_peft.launch import WORKER_ENV
+
+    if (
+        r.deepspeed_config
+        and nproc is None
+        and not hostfile
+        and nnodes == 1
+        and not set(WORKER_ENV) & set(os.environ)
+    ):
+        say("deepspeed_config: DeepSpeed runs under a launcher; starting one process (--nproc N for more)")
+        nproc = 1
     if nproc is not None or hostfile or nnodes > 1:
         from oasst_peft.launch import LaunchOptions, check_options, relaunch
 

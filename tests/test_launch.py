@@ -235,3 +235,20 @@ def test_cli_multi_node_without_master_addr_is_a_user_error(monkeypatch):
     res = CliRunner().invoke(app, argv)
     assert res.exit_code != 0
     assert isinstance(res.exception, OasstError) and "--master-addr" in str(res.exception)
+
+
+def test_a_deepspeed_recipe_without_nproc_starts_one_process_under_the_launcher(monkeypatch):
+    """DeepSpeed needs a launcher's environment (else it goes looking for MPI): --nproc 1 is implied."""
+    _offline(monkeypatch)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    res = CliRunner().invoke(app, ["train", "demo-smollm2", "--set", "deepspeed_config=zero2", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert (
+        lines[0]
+        == "deepspeed_config: DeepSpeed runs under a launcher; starting one process (--nproc N for more)"
+    )
+    assert lines[1].startswith("launch: ") and "--nproc-per-node 1" in lines[1]
+    plain = CliRunner().invoke(app, ["train", "demo-smollm2", "--dry-run"])
+    assert plain.exit_code == 0 and "launch: " not in plain.output  # no deepspeed: no launcher
