@@ -280,6 +280,11 @@ class Recipe(BaseModel):
     def recipe_path(self) -> Path | None:
         return self._recipe_path
 
+    def output_path(self, override: str | Path | None = None) -> Path:
+        """The run's folder: ``override`` (``--output-dir``) or ``output_dir``, relative to the current dir,
+        ``~`` expanded (as transformers expands it for checkpoints, so a run is never split in two)."""
+        return Path(override or self.output_dir).expanduser()
+
     def resolve_path(self, value: str) -> Path:
         """A path from the recipe, relative to the recipe file's folder."""
         p = Path(value).expanduser()

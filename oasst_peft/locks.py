@@ -109,7 +109,7 @@ def holds_output_dir(train):
     def locked(recipe, *args, **kwargs):
         if kwargs.get("dry_run") or os.environ.get("RANK", "0") != "0":
             return train(recipe, *args, **kwargs)
-        path = acquire(Path(kwargs.get("output_dir") or recipe.output_dir))
+        path = acquire(recipe.output_path(kwargs.get("output_dir")))
         try:
             return train(recipe, *args, **kwargs)
         finally:

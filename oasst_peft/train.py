@@ -74,7 +74,7 @@ def preflight(
     """
     from oasst_peft.model import load_tokenizer
 
-    out = Path(output_dir or recipe.output_dir)
+    out = recipe.output_path(output_dir)
     settings.resolve(recipe, say=lambda _line: None)  # the workers' decisions and checks; they print them
     check_output_dir(out, resume, overwrite)
     checkpoint = resolve_resume(out, resume) if resume else None
@@ -147,7 +147,7 @@ def train(
     from oasst_peft.model import describe, load_model, load_tokenizer
 
     say = distributed.rank_zero(say)  # under a launcher, rank 0 speaks for all
-    out = Path(output_dir or recipe.output_dir)
+    out = recipe.output_path(output_dir)
     if not dry_run:
         check_output_dir(out, resume, overwrite)
         resume = resolve_resume(out, resume) if resume else None

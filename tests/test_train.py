@@ -293,3 +293,15 @@ def test_the_saved_recipe_trains_again_from_anywhere(tmp_path, monkeypatch):
     assert Path(saved.model_name) == (tmp_path / "project" / "base")
     spec = parse_datasets(saved.datasets, saved.recipe_dir)[0]
     assert [Path(f) for f in spec.data_files] == [tmp_path / "project" / "data" / "convs.jsonl"]
+
+
+def test_a_tilde_output_dir_is_one_folder(tmp_path, monkeypatch):
+    """transformers expands ~ for checkpoints; the final save and the run record go to the same folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    recipe, _ = tiny_recipe(tmp_path, output_dir="~/runs/t", save_steps=1)
+    res = train(recipe, max_steps=1, say=lambda _: None)
+    run = tmp_path / "home" / "runs" / "t"
+    assert res.output_dir == run
+    assert (run / "oasst_run.json").is_file() and (run / "checkpoint-1").is_dir()
+    assert not (tmp_path / "~").exists()
