@@ -13,14 +13,17 @@ import re
 from oasst_peft.errors import OasstError, Unavailable, did_you_mean, shown
 
 
-def named_modules(config) -> dict[str, object]:
-    """Full name -> module of the model ``config`` describes (built on the meta device)."""
+def named_modules(config) -> tuple[dict[str, object], str | None]:
+    """Full name -> module of the model ``config`` describes (built on the meta device), and the name of
+    its output projection (``lm_head``, ``embed_out``, ...)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name: module for name, module in model.named_modules() if name}
+    head = model.get_output_embeddings()
+    modules = {name: module for name, module in model.named_modules() if name}
+    return modules, next((n for n, m in modules.items() if m is head), None)
 
 
 def _matched(target: str, names, regex: bool) -> list[str]:
@@ -61,7 +64,7 @@ def check_target_modules(recipe) -> None:
         raise OasstError(
             f"peft.target_modules: '{shown(targets)}' is not a valid regular expression ({e})"
         ) from None
-    modules = named_modules(config)
+    modules, head = named_modules(config)
     names = list(modules)
     leaves = sorted(
         {n.rsplit(".", 1)[-1] for n, m in modules.items() if "." in n and isinstance(m, _adaptable())}
@@ -81,6 +84,11 @@ def check_target_modules(recipe) -> None:
             raise OasstError(
                 f"peft.target_modules: {what} matches no module of {recipe.model_name}"
                 f"{did_you_mean(str(target), leaves)}; {some}"
+            )
+        if head in found:  # TRL refuses it after the weights load; the new tokens' rows train without it
+            raise OasstError(
+                f"peft.target_modules: '{shown(target)}' matches the output projection {head}, which TRL does not "
+                "let LoRA adapt; leave it out (the rows of the added tokens train through peft.train_new_tokens)"
             )
         wrong = [n for n in found if not isinstance(modules[n], _adaptable())]
         if wrong:

@@ -159,3 +159,20 @@ def test_the_model_line_says_what_trains_and_how_many_parameters():
     line = describe(LoadedModel(wrapped, src, "bf16", 0, 0, []), lora)
     assert line.startswith("model: LoRA r 4, alpha ") and "on all-linear, bf16 base; " in line
     assert f"; {_count(trainable)} of {_count(total + trainable)} parameters trainable" in line
+
+
+def test_lora_on_the_output_projection_is_refused_before_loading(tmp_path):
+    from transformers import LlamaConfig
+
+    from oasst_peft.lora_targets import check_target_modules
+
+    LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+        tie_word_embeddings=False,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    r = recipe(str(tmp_path), peft={"mode": "lora", "target_modules": ["q_proj", "lm_head"]})
+    with pytest.raises(
+        OasstError, match="'lm_head' matches the output projection lm_head, which TRL does not"
+    ):
+        check_target_modules(r)
+    check_target_modules(recipe(str(tmp_path), peft={"mode": "lora", "target_modules": ["q_proj", "v_proj"]}))
