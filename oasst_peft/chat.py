@@ -9,9 +9,10 @@ so. On a terminal the reply streams token by token; from a pipe each input line 
 each reply is printed once it is complete. Lines starting with ``/`` are commands: ``/reset``,
 ``/system TEXT`` and ``/exit``. On a terminal, Ctrl-C while a reply streams stops that reply (what was
 generated stays in the conversation) and gives the prompt back; Ctrl-C at the prompt, or a second one
-during a reply, ends the chat. ``transcript=`` keeps ``{"messages": [...], "turns": [...]}`` on
-disk, rewritten atomically after every reply; ``turns`` holds, per reply, the exact prompt text the
-model saw and how many earlier messages were left out of it.
+during a reply, ends the chat. ``transcript=`` keeps ``{"messages": [...], "turns": [...], "earlier":
+[...]}`` on disk, rewritten atomically after every reply; ``turns`` holds, per reply, the exact prompt
+text the model saw and how many earlier messages were left out of it; ``earlier`` the conversations
+that ``/reset`` ended, each as ``{"messages", "turns"}``.
 """
 
 from __future__ import annotations
@@ -147,10 +148,13 @@ class ChatSession:
             )
         self.conv = Conversation(system=system or None)
         self.log: list[dict] = []  # one record per reply of the current conversation
+        self.earlier: list[dict] = []  # the conversations /reset ended, kept for the transcript
         if seed is not None:
             set_seed(seed)
 
     def reset(self) -> None:
+        if self.log:  # what was said stays in the transcript
+            self.earlier.append({"messages": self.conv.messages(), "turns": self.log})
         self.conv.reset()
         self.log = []
 
@@ -213,7 +217,7 @@ class ChatSession:
         return {"reply": answer, **record}
 
     def transcript(self) -> dict:
-        return {"messages": self.conv.messages(), "turns": self.log}
+        return {"messages": self.conv.messages(), "turns": self.log, "earlier": self.earlier}
 
 
 def write_transcript(data: dict, path: str | Path) -> Path:

@@ -129,6 +129,10 @@ def test_commands_and_transcript_from_a_stream(run_dir, tmp_path):
     assert [m["role"] for m in saved["messages"]] == ["system", "user", "assistant"]
     assert saved["messages"][0]["content"] == "speak like a pirate"
     assert saved["messages"][1]["content"] == "thank you"
+    # What was said before /reset is still in the file.
+    (before,) = saved["earlier"]
+    assert [m["content"] for m in before["messages"] if m["role"] == "user"] == ["hello there", "how are you"]
+    assert len(before["turns"]) == 2
     assert not list(tmp_path.glob(".t.json.*"))  # no temp file left behind
 
 
