@@ -106,9 +106,23 @@ def _json_lines(path: Path, problems: Problems) -> Iterator[tuple[str, object]]:
                         f"{path}:{lineno}", f"not UTF-8 text (byte {e.start}); save the file as UTF-8"
                     )
                 except ValueError as e:  # JSONDecodeError
+                    if lineno == 1 and _whole_file_is_an_object(path):
+                        raise OasstError(
+                            f'{path}: one JSON object (such as {{"data": [...]}}); give a JSON list of rows '
+                            "or one JSON object per line"
+                        ) from None
                     problems.bad(f"{path}:{lineno}", f"not valid JSON ({_short(e)})")
     except (OSError, EOFError, zlib.error) as e:
         raise _read_error(path, e) from None
+
+
+def _whole_file_is_an_object(path: Path) -> bool:
+    """A pretty-printed JSON object, whose first line alone is not JSON (not a JSON-lines file)."""
+    try:
+        with open_binary(path) as f:
+            return isinstance(json.loads(f.read().removeprefix(b"\xef\xbb\xbf")), dict)
+    except (OSError, EOFError, zlib.error, ValueError):
+        return False
 
 
 def _json_array(path: Path) -> Iterator[tuple[str, object]]:

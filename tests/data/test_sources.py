@@ -295,3 +295,13 @@ def test_a_utf8_bom_is_not_part_of_the_first_field(tmp_path):
     for path in (csv_path, jsonl, array):
         part = load("grade_school_math_instructions", data_files=str(path))
         assert part.train == [[u("What is 2 + 2?"), a("4.")]], path.name
+
+
+def test_a_pretty_printed_json_object_is_named_as_such(tmp_path):
+    path = tmp_path / "obj.json"
+    path.write_text(json.dumps({"data": [{"instruction": "q", "output": "a"}]}, indent=2), encoding="utf-8")
+    with pytest.raises(OasstError, match=r"obj\.json: one JSON object .*give a JSON list of rows"):
+        load("alpaca", data_files=str(path))
+    lines = tmp_path / "rows.jsonl"  # a bad first line of a real JSON-lines file is still skipped and counted
+    lines.write_text('{not json\n{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    assert dict(load("alpaca", data_files=str(lines)).dropped["train"]) == {"malformed_row": 1}
