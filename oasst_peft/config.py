@@ -24,7 +24,7 @@ from pydantic import (
 from oasst_peft.bounds import PEFT_RANGES, QUANT_STORAGE, RANGES, SCHEDULERS, STEPS, check_range
 from oasst_peft.errors import OasstError, did_you_mean, shown
 from oasst_peft.key_aliases import key_hint
-from oasst_peft.recipe_yaml import read_recipe_file
+from oasst_peft.recipe_yaml import PATH_KEYS, anchor_paths, read_recipe_file
 from oasst_peft.shipped import DEEPSPEED_NAMES as SHIPPED_DEEPSPEED
 from oasst_peft.shipped import find_recipe
 from oasst_peft.tracking import check_report_to
@@ -330,6 +330,11 @@ def apply_override(data: dict, assignment: str) -> str:
         if last:
             node[part] = value
             return ".".join(parts)
+        elif valid is RECIPE_KEYS and part == "datasets":
+            raise OasstError(
+                f"--set {shown(key)}: datasets is a list, set it whole, e.g. "
+                "--set 'datasets=[{alpaca: {max_train_set: 100}}]'"
+            )
         else:
             valid = PEFT_KEYS if part == "peft" else None
             child = node.get(part)
@@ -393,4 +398,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = find_recipe(path)
     data = read_recipe_file(path)
     set_keys = tuple(apply_override(data, assignment) for assignment in overrides)
+    for top in {k.split(".")[0] for k in set_keys} & {"datasets", *PATH_KEYS}:
+        data[top] = anchor_paths({top: data[top]}, Path.cwd())[top]  # typed here: relative to this folder
     return recipe_from_dict(data, source=str(path), path=path.resolve(), set_keys=set_keys)

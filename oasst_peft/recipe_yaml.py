@@ -43,7 +43,7 @@ def _read_yaml(path: Path) -> dict:
 # Dataset options that hold file paths (a string or a list of them), resolved against the recipe's folder.
 DATASET_PATH_OPTIONS = ("input_file_path", "data_files")
 # Top-level keys that may name a file or folder beside the recipe (else a hub id, a shipped name, ...).
-_MAYBE_PATHS = ("model_name", "tokenizer_name", "chat_template", "deepspeed_config")
+PATH_KEYS = ("model_name", "tokenizer_name", "chat_template", "deepspeed_config")
 
 
 def _anchored(value, folder: Path, must_exist: bool):
@@ -59,7 +59,7 @@ def _anchored(value, folder: Path, must_exist: bool):
 def anchor_paths(data: dict, folder: Path) -> dict:
     """Recipe ``data`` with its relative paths made absolute against ``folder``, the folder of the file
     that wrote them: a parent recipe's, or the recipe a saved run copy came from."""
-    for key in _MAYBE_PATHS:
+    for key in PATH_KEYS:
         if key in data:
             data[key] = _anchored(data[key], folder, must_exist=True)
     entries = data.get("datasets") if isinstance(data.get("datasets"), list) else []

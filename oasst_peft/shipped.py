@@ -7,6 +7,7 @@ so the lookups work the same from a checkout and from a wheel. Nothing here impo
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,8 +204,15 @@ def copy_recipe(name: str, dest: str | Path | None = None, overwrite: bool = Fal
         text = re.sub(
             rf"(:\s*|-\s+)(['\"]?){quoted}\2(\s*(#.*)?)$", rf"\g<1>\g<2>{shipped}\g<2>\3", text, flags=re.M
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OasstError(
+            f"{target}: cannot write the copy ({e.strerror or e}); choose another DEST"
+        ) from None
     return target

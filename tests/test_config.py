@@ -244,3 +244,17 @@ def test_every_alias_names_a_real_key():
             assert first in RECIPE_KEYS or first == "val_split", alias
     for alias, target in key_aliases.PEFT.items():
         assert alias not in PEFT_KEYS and target.split()[0].rstrip(":") in PEFT_KEYS, alias
+
+
+def test_set_paths_are_relative_to_the_current_folder(tmp_path, monkeypatch):
+    """A path typed with --set means relative to where the command runs, even for a shipped recipe."""
+    from oasst_peft.data import parse_datasets
+
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe("demo-smollm2", ["datasets=[{chat: {data_files: mine.jsonl, format: messages}}]"])
+    spec = parse_datasets(r.datasets, r.recipe_dir)[0]
+    assert [Path(f) for f in spec.data_files] == [tmp_path / "mine.jsonl"]
+    with pytest.raises(
+        OasstError, match=r"--set datasets.0.chat.max_train_set: datasets is a list, set it whole"
+    ):
+        load_recipe("demo-smollm2", ["datasets.0.chat.max_train_set=3"])

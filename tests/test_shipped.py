@@ -120,3 +120,11 @@ def test_recipes_copy_cli_into_a_new_folder_and_bad_sources(tmp_path, monkeypatc
         assert code.value.code == 1 and message in err and err.count("\n") == 1, err
     with pytest.raises(OasstError, match="the shipped recipe of that name is 'stablelm7b-qlora'"):
         load_recipe("recipes/stablelm7b-qlora.yaml")
+
+
+def test_recipes_copy_to_a_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as code:
+        main(["recipes", "copy", "demo-smollm2", str(tmp_path / "afile" / "x.yaml")])
+    err = capsys.readouterr().err
+    assert code.value.code == 1 and "cannot write the copy" in err and err.count("\n") == 1, err
