@@ -129,14 +129,16 @@ def format_stats(stats: dict, console=None) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    console = console or Console()
+    if console is None:  # piped to a file: wide enough that nothing wraps (a terminal keeps its width)
+        console = Console() if Console().is_terminal else Console(width=200)
     table = Table(title="conversations (convs), tokens and drops per dataset and split")
-    table.add_column("dataset", no_wrap=True)
-    for name in ("split", "convs", "turns", "tokens", "trained", "truncated", "dropped"):
-        table.add_column(
-            name, justify="left" if name in ("split", "dropped") else "right", no_wrap=name == "split"
-        )
     rows = [*((k, v) for k, v in stats["datasets"].items()), ("total", stats["total"])]
+    table.add_column("dataset", overflow="fold")  # a long name wraps; the numbers are never cut
+    table.add_column("split", no_wrap=True, min_width=len("validation"))
+    for name, count in zip(("convs", "turns", "tokens", "trained", "truncated"), COUNTS, strict=True):
+        widest = max(len(f"{by_split[split][count]:,}") for _, by_split in rows for split in SPLITS)
+        table.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), widest))
+    table.add_column("dropped", overflow="fold")
     for i, (key, by_split) in enumerate(rows):
         for split in SPLITS:
             s = by_split[split]

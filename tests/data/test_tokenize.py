@@ -198,3 +198,20 @@ def test_unwritable_cache_dir_is_one_line(tok, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(OasstError, match=r"cache_dir: cannot write the tokenized cache"):
         tokenize_mix(simple_mix([SHORT]), tok, max_length=64, cache_dir=blocker)
+
+
+def test_stats_table_never_cuts_a_number_in_80_columns():
+    def split(n):
+        return {"conversations": n, "turns": 2 * n, "tokens": 123456 * n, "trained_tokens": 65432 * n,
+                "truncated": 3, "dropped": {"malformed_row": 2}}  # fmt: skip
+
+    stats = {
+        "datasets": {"grade_school_math_instructions": {"train": split(10), "validation": split(1)}},
+        "total": {"train": split(10), "validation": split(1)},
+    }
+    out = io.StringIO()
+    format_stats(stats, console=Console(file=out, width=80))
+    text = out.getvalue()
+    assert "…" not in text
+    for number in ("1,234,560", "654,320", "123,456", "65,432", "validation"):
+        assert number in text
