@@ -174,7 +174,10 @@ def summary_lines(c: Curves) -> list[str]:
         step, loss = c.train_loss[-1]
         lines.append(f"train loss: {loss:.4f} at step {step}")
     if not c.eval_loss:
-        lines.append("eval loss: no evaluation logged (no validation split, or eval_steps: 0)")
+        lines.append(
+            f"eval loss: none logged by step {c.last_step} (the first comes at step eval_steps; none at all "
+            "without a validation split or with eval_steps: 0)"
+        )
     for name, points in sorted(c.eval_loss.items()):
         step, loss = min(points, key=lambda p: (p[1], p[0]))
         lines.append(f"eval loss [{name}]: best {loss:.4f} at step {step} (last {points[-1][1]:.4f})")

@@ -55,6 +55,10 @@ def test_summary_names_best_eval_per_dataset_and_its_step():
     assert "eval loss [oasst_export]: best 2.4000 at step 4 (last 2.4000)" in lines
     assert "tokens trained: 700 (non-padding)" in lines
     assert "wall time: 10s training" in lines
+    stopped_early = [e for e in _history() if not any(k.startswith("eval_") for k in e)][:2]
+    assert curves.summary_lines(curves.extract(stopped_early))[2].startswith(
+        "eval loss: none logged by step 2 (the first comes at step eval_steps"
+    )
 
 
 def _png_size(path: Path) -> tuple[int, int]:
