@@ -396,7 +396,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a recipe file, or a shipped recipe by name (a path wins), following ``extends:``; apply ``--set``
     overrides (``"key.sub=value"``); validate."""
     path = find_recipe(path)
-    data = read_recipe_file(path)
+
+    def own_keys(file_data: dict, file: Path) -> None:  # an unknown key is blamed on the file that holds it
+        _check_unknown_keys(file_data, str(path) if file == path.resolve() else str(file))
+
+    data = read_recipe_file(path, check=own_keys)
     set_keys = tuple(apply_override(data, assignment) for assignment in overrides)
     for top in {k.split(".")[0] for k in set_keys} & {"datasets", *PATH_KEYS}:
         data[top] = anchor_paths({top: data[top]}, Path.cwd())[top]  # typed here: relative to this folder

@@ -86,14 +86,20 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """The recipe at ``path`` as a mapping, its ``extends:`` chain merged in (a child's keys win, sections merge)."""
+def read_recipe_file(path: Path, seen: tuple[Path, ...] = (), check=None) -> dict:
+    """The recipe at ``path`` as a mapping, its ``extends:`` chain merged in (a child's keys win, sections merge).
+
+    ``check(data, file)``, when given, sees each file's own keys before the merge, so that a problem is
+    blamed on the file that holds it.
+    """
     path = path.resolve()
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
         raise OasstError(f"{path}: 'extends' loops back on itself ({chain})")
     data = _read_yaml(path)
     parent = data.pop("extends", None)
+    if check is not None:
+        check(data, path)
     if parent is None:
         return data
     if not isinstance(parent, str) or "\x00" in parent:
@@ -101,5 +107,5 @@ def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     parent_path = Path(parent)
     if not parent_path.is_absolute():
         parent_path = path.parent / parent_path
-    base = anchor_paths(read_recipe_file(parent_path, (*seen, path)), parent_path.resolve().parent)
+    base = anchor_paths(read_recipe_file(parent_path, (*seen, path), check), parent_path.resolve().parent)
     return _deep_merge(base, data)

@@ -258,3 +258,14 @@ def test_set_paths_are_relative_to_the_current_folder(tmp_path, monkeypatch):
         OasstError, match=r"--set datasets.0.chat.max_train_set: datasets is a list, set it whole"
     ):
         load_recipe("demo-smollm2", ["datasets.0.chat.max_train_set=3"])
+
+
+def test_an_unknown_key_in_a_parent_recipe_names_the_parent(tmp_path):
+    write(tmp_path, MINIMAL + "learning_rat: 1.0e-5\n", "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\nmax_length: 1024\n", "child.yaml")
+    with pytest.raises(OasstError) as e:
+        load_recipe(child)
+    assert str(e.value).startswith(f"{tmp_path / 'base.yaml'}: unknown key 'learning_rat'")
+    own = write(tmp_path, "extends: base.yaml\nmax_lenght: 1024\n", "own.yaml")  # the child's own typo first
+    with pytest.raises(OasstError, match=r"own\.yaml: unknown key 'max_lenght'"):
+        load_recipe(own)
