@@ -65,10 +65,9 @@ def check_target_modules(recipe) -> None:
             f"peft.target_modules: '{shown(targets)}' is not a valid regular expression ({e})"
         ) from None
     modules, head = named_modules(config)
+    kinds = _adaptable()
     names = list(modules)
-    leaves = sorted(
-        {n.rsplit(".", 1)[-1] for n, m in modules.items() if "." in n and isinstance(m, _adaptable())}
-    )
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if "." in n and isinstance(m, kinds)})
     some = f"use all-linear or some of: {', '.join(leaves[:20])}"
     wanted = [targets] if isinstance(targets, str) else list(targets)
     for target in wanted:
@@ -90,14 +89,14 @@ def check_target_modules(recipe) -> None:
                 f"peft.target_modules: '{shown(target)}' matches the output projection {head}, which TRL does not "
                 "let LoRA adapt; leave it out (the rows of the added tokens train through peft.train_new_tokens)"
             )
-        wrong = [n for n in found if not isinstance(modules[n], _adaptable())]
+        wrong = [n for n in found if not isinstance(modules[n], kinds)]
         if wrong:
             kind = type(modules[wrong[0]]).__name__
             inner = sorted(
                 {
                     c.rsplit(".", 1)[-1]
                     for c in names
-                    if c.startswith(wrong[0] + ".") and isinstance(modules[c], _adaptable())
+                    if c.startswith(wrong[0] + ".") and isinstance(modules[c], kinds)
                 }
             )
             inside = f"; name the layers inside it instead: {', '.join(inner)}" if inner else f"; {some}"

@@ -22,6 +22,7 @@ from oasst_peft.errors import OasstError, Unavailable
 from oasst_peft.offline import hub_offline
 
 MALFORMED = "malformed_row"
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Excel and some editors write at the start of a file
 
 
 @dataclass
@@ -87,7 +88,7 @@ def _first_char(path: Path) -> bytes:
             head = f.read(4096)
     except (OSError, EOFError, zlib.error) as e:
         raise _read_error(path, e) from None
-    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    stripped = head.removeprefix(BOM).lstrip(b" \t\r\n")
     return stripped[:1]
 
 
@@ -96,7 +97,7 @@ def _json_lines(path: Path, problems: Problems) -> Iterator[tuple[str, object]]:
         with open_binary(path) as f:
             for lineno, line in enumerate(f, 1):
                 if lineno == 1:
-                    line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM some editors write
+                    line = line.removeprefix(BOM)
                 if not line.strip():
                     continue
                 try:
@@ -120,7 +121,7 @@ def _whole_file_is_an_object(path: Path) -> bool:
     """A pretty-printed JSON object, whose first line alone is not JSON (not a JSON-lines file)."""
     try:
         with open_binary(path) as f:
-            return isinstance(json.loads(f.read().removeprefix(b"\xef\xbb\xbf")), dict)
+            return isinstance(json.loads(f.read().removeprefix(BOM)), dict)
     except (OSError, EOFError, zlib.error, ValueError):
         return False
 
@@ -128,7 +129,7 @@ def _whole_file_is_an_object(path: Path) -> bool:
 def _json_array(path: Path) -> Iterator[tuple[str, object]]:
     try:
         with open_binary(path) as f:
-            data = json.loads(f.read().removeprefix(b"\xef\xbb\xbf"))
+            data = json.loads(f.read().removeprefix(BOM))
     except (OSError, EOFError, zlib.error) as e:
         raise _read_error(path, e) from None
     except ValueError as e:

@@ -40,6 +40,11 @@ def _text(row: dict, name: str) -> str:
     return v
 
 
+def _optional_text(row: dict, name: str) -> str:
+    """A string field that may be absent (absent or None reads as empty)."""
+    return _text(row, name) if name in row else ""
+
+
 def strip_references(text: str) -> str:
     """Remove citation marks like ``[1]`` or ``[2, 3]``."""
     return REFERENCE.sub("", text).strip()
@@ -118,10 +123,10 @@ def alpaca_conversation(row: dict, ctx: Context):
     optional ``system`` and ``history`` ([[prompt, reply], ...] before this exchange) fields of
     LLaMA-Factory's alpaca layout become a system turn and earlier turns."""
     last = qa(
-        _joined(_text(row, "instruction"), _text(row, "input") if "input" in row else ""),
+        _joined(_text(row, "instruction"), _optional_text(row, "input")),
         _text(row, "output"),
     )
-    system = _text(row, "system") if row.get("system") is not None else ""
+    system = _optional_text(row, "system")
     history = row.get("history") or []
     if not isinstance(history, list) or not all(
         isinstance(h, list | tuple) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history

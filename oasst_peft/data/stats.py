@@ -129,8 +129,10 @@ def format_stats(stats: dict, console=None) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    if console is None:  # piped to a file: wide enough that nothing wraps (a terminal keeps its width)
-        console = Console() if Console().is_terminal else Console(width=200)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped to a file: wide enough that nothing wraps
+            console = Console(width=200)
     table = Table(title="conversations (convs), tokens and drops per dataset and split")
     rows = [*((k, v) for k, v in stats["datasets"].items()), ("total", stats["total"])]
     table.add_column("dataset", overflow="fold")  # a long name wraps; the numbers are never cut
