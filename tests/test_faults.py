@@ -72,10 +72,14 @@ elif fault == "kill-state":
 elif fault == "kill-merge":
     from merge_tools.writer import SafetensorsWriter
 
+    import threading
+
     write_at = SafetensorsWriter.write_at
+    first = threading.Lock()  # merge workers write in parallel: the first one in names its shard and kills
 
     def write_then_die(self, chunk, offset):
         write_at(self, chunk, offset)
+        first.acquire()  # never released: the others wait here until the process dies
         os.fsync(self._fd)
         marker.write_text(str(self.path))
         os.kill(os.getpid(), signal.SIGKILL)
