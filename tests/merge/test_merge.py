@@ -179,7 +179,7 @@ def test_output_dtype_bf16_and_default_is_the_bases(root, llama_dora):
     _, run = llama_dora
     out = root / "merged-bf16"
     report = merge(run, out, dtype="bf16", verify=True, **quiet)
-    assert report.dtype == "bf16" and report.verify.passed and report.verify.dtype == "bf16"
+    assert report.dtype == "bf16" and report.verify.passed and report.verify.rounded_to == "bf16"
     shard = next(out.glob("model-*.safetensors"))
     with safe_open(shard, "pt") as f:
         assert {f.get_tensor(k).dtype for k in list(f.keys())} == {torch.bfloat16}

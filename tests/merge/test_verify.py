@@ -1,8 +1,11 @@
-"""``--verify`` on a model saved without a tokenizer: fixed token ids stand in for the probe conversations."""
+"""``--verify``: fixed token ids without a tokenizer, narrower output dtypes, and a wrong merge caught."""
 
 from __future__ import annotations
 
-from merge_tools import format_report, merge
+import pytest
+
+from merge_tools import MergeError, format_report, merge
+from tests.merge.runs import make_base, make_run
 from tests.tiny import save_bare_llama
 
 
@@ -29,3 +32,35 @@ def test_verify_without_a_tokenizer_compares_on_fixed_token_ids(tmp_path):
     assert report.verify.max_abs_diff < 1e-4 and report.verify.top1_agreement == 1.0
     assert "inputs: fixed token ids (the merged folder has no tokenizer)" in format_report(report)
     assert any("no tokenizer found" in ln or "tokenizer: none found" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_a_narrower_output_dtype_is_held_against_the_reference_rounded_to_it(tmp_path, dtype):
+    base, adapter = _bare_adapter(tmp_path)
+    report = merge(adapter, tmp_path / "merged", base=base, dtype=dtype, verify=True, say=lambda _m: None)
+    v = report.verify
+    assert v.passed and v.dtype == "fp32", v.line()
+    assert v.max_abs_diff < 1e-4 < v.rounding, v.line()  # rounding costs something; the merge adds nothing
+    assert f"merged by peft and rounded to {dtype}" in v.line() and f"rounding to {dtype} alone" in v.line()
+
+
+def test_a_qlora_merge_saved_in_bf16_is_held_against_the_nf4_reference_rounded_to_bf16(tmp_path):
+    run = make_run(tmp_path, make_base(tmp_path, "llama"), "qlora", mode="qlora")
+    report = merge(run, tmp_path / "merged", dtype="bf16", verify=True, say=lambda _m: None)
+    v = report.verify
+    assert v.passed and v.max_abs_diff < 1e-4 < v.rounding, v.line()
+    assert "4-bit NF4 base + adapter (as trained), merged by peft and rounded to bf16" in v.line()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_wrong_merge_fails_verify_and_writes_nothing(tmp_path, monkeypatch, dtype):
+    import merge_tools.adapter
+
+    base, adapter = _bare_adapter(tmp_path)
+    monkeypatch.setattr(merge_tools.adapter, "lora_scale", lambda alpha, r, rslora=False: 1.05 * alpha / r)
+    out = tmp_path / "merged"
+    with pytest.raises(
+        MergeError, match="verify: the merged logits differ from base [+] adapter by .*nothing was"
+    ):
+        merge(adapter, out, base=base, dtype=dtype, verify=True, say=lambda _m: None)
+    assert not out.exists()
