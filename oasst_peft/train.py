@@ -45,7 +45,12 @@ class TrainResult:
 
 
 def check_output_dir(out: Path, resume, overwrite: bool) -> None:
-    """Refuse to write into a finished run unless resuming or told to overwrite."""
+    """Refuse to write into a finished run unless resuming or told to overwrite, and refuse both at once."""
+    if resume and overwrite:
+        raise OasstError(
+            f"--resume and --overwrite contradict each other: --resume continues the run in {out}, "
+            "--overwrite replaces it; pass one of them"
+        )
     if resume or not out.exists():
         return
     if not out.is_dir():
@@ -219,7 +224,7 @@ def train(
         if done >= total:  # Trainer.train would run one step more
             return _resumed_run_is_complete(trainer, loaded, tokenizer, fmt, recipe, out, resume, run, say)
         say(f"resume: from {Path(resume).name}, step {done} of {total}")
-    if overwrite and not resume:  # only now that everything has loaded: a failed start keeps the old run
+    if overwrite:  # only now that everything has loaded: a failed start keeps the old run
         removed = distributed.on_rank_zero(lambda: clear_previous_run(out))
         if removed:
             say(f"overwrite: removed the earlier run's {', '.join(removed)} from {out}")

@@ -96,3 +96,21 @@ def test_a_resume_says_where_it_continues(world, tmp_path):
     train(load_recipe(world["recipe"]()), resume=str(ckpt), output_dir=tmp_path / "again", say=lines.append)
     assert "resume: from checkpoint-2, step 2 of 4" in lines
     assert _checkpoints(tmp_path / "again") == ["checkpoint-4"]
+
+
+def test_resume_and_overwrite_together_are_refused_before_anything_loads(world, capsys):
+    from oasst_peft.cli import main
+    from oasst_peft.errors import OasstError
+
+    recipe = world["recipe"]()
+    with pytest.raises(OasstError, match="--resume and --overwrite contradict each other"):
+        train(load_recipe(recipe), resume=True, overwrite=True, say=lambda m: None)
+    with pytest.raises(SystemExit) as stop:
+        main(["train", str(recipe), "--resume", "--overwrite"])
+    err = capsys.readouterr().err
+    assert stop.value.code != 0 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"error: --resume and --overwrite contradict each other: --resume continues the run in {world['out']}, "
+        "--overwrite replaces it; pass one of them"
+    ]
+    assert not world["out"].exists()
