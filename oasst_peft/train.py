@@ -95,7 +95,9 @@ def preflight(
         fingerprint.check_resume(checkpoint, current, say=say)
 
 
-def _print_plan(recipe: Recipe, out: Path, dtype: str, tokenized, unavailable: list[str], say) -> dict:
+def _print_plan(
+    recipe: Recipe, out: Path, dtype: str, tokenized, unavailable: list[str], max_steps, say
+) -> dict:
     plan = {
         "recipe": str(recipe.recipe_path) if recipe.recipe_path else None,
         "model_name": recipe.model_name,
@@ -109,6 +111,12 @@ def _print_plan(recipe: Recipe, out: Path, dtype: str, tokenized, unavailable: l
         "datasets": {},
         "unavailable": unavailable,
     }
+    steps = max_steps if max_steps is not None else recipe.max_steps
+    length = (
+        f"max_steps {steps} (num_train_epochs is not used)"
+        if steps > 0
+        else f"epochs {recipe.num_train_epochs}"
+    )
     say(f"recipe: {plan['recipe']}")
     say(f"model: {recipe.model_name}  mode: {recipe.mode}  dtype: {dtype}  max_length: {recipe.max_length}")
     if recipe.peft and recipe.mode != "full":
@@ -116,7 +124,7 @@ def _print_plan(recipe: Recipe, out: Path, dtype: str, tokenized, unavailable: l
         say(f"peft: r={p.r} alpha={p.alpha} dropout={p.dropout} target_modules={p.target_modules}")
     say(
         f"batch: {recipe.per_device_train_batch_size} x {recipe.gradient_accumulation_steps} accumulation per device; "
-        f"lr {recipe.learning_rate}, warmup {recipe.warmup_steps}, epochs {recipe.num_train_epochs}"
+        f"lr {recipe.learning_rate}, warmup {recipe.warmup_steps}, {length}"
     )
     if recipe.deepspeed_config:
         say(f"deepspeed: {recipe.deepspeed_config}")
@@ -172,7 +180,7 @@ def train(
             from oasst_peft.data import parse_datasets
 
             parse_datasets(recipe.datasets, recipe.recipe_dir)
-        plan = _print_plan(recipe, out, dtype, tokenized, unavailable, say)
+        plan = _print_plan(recipe, out, dtype, tokenized, unavailable, max_steps, say)
         batching = speed.planned_batching(recipe, run)
         plan["batching"] = batching.name
         say(batching.line())

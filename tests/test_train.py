@@ -185,6 +185,22 @@ def test_half_precision_on_cpu_is_downgraded_with_one_line(tmp_path):
     assert sum("training in fp32" in line for line in lines) == 1
 
 
+@pytest.mark.parametrize(
+    ("over", "arg", "said"),
+    [
+        ({"max_steps": 40}, None, "max_steps 40 (num_train_epochs is not used)"),
+        ({"max_steps": 40}, 7, "max_steps 7 (num_train_epochs is not used)"),
+        ({"max_steps": -1, "num_train_epochs": 2}, None, "epochs 2.0"),
+    ],
+)
+def test_dry_run_says_what_ends_the_run(tmp_path, over, arg, said):
+    recipe, _ = tiny_recipe(tmp_path, "gpt_neox", "lora", **over)
+    lines: list[str] = []
+    train(recipe, dry_run=True, max_steps=arg, say=lines.append)
+    batch = [line for line in lines if line.startswith("batch:")]
+    assert len(batch) == 1 and batch[0].endswith(said), batch
+
+
 def test_existing_output_dir_is_refused(tmp_path):
     recipe, _ = tiny_recipe(tmp_path, "gpt_neox", "lora")
     out = Path(recipe.output_dir)
