@@ -16,7 +16,7 @@ from oasst_peft.config import Recipe
 from oasst_peft.errors import OasstError
 from oasst_peft.model_info import MODEL_FIX, ModelSource, hub_error, load_model_config, resolve_model_source
 from oasst_peft.settings import RunSettings
-from oasst_peft.template import ChatFormat, resize_embeddings, setup_tokenizer, tokenize_with_mask
+from oasst_peft.template import ChatFormat, check_turn_end, resize_embeddings, setup_tokenizer
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -51,10 +51,8 @@ def load_tokenizer(recipe: Recipe):
         template = str(recipe.resolve_path(template))
     with user_file("chat_template", template, "fix the Jinja template or use chat_template: oasst"):
         fmt = setup_tokenizer(tok, eos_token=recipe.eos_token, chat_template=template)
-        if template != "oasst":  # a syntax error or raise_exception shows now, not mid-tokenization
-            tokenize_with_mask(
-                tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-            )
+        if template != "oasst":  # a syntax error, a raise_exception or a wrong turn end shows now
+            check_turn_end(tok, fmt, template)
     return tok, fmt
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,3 +184,30 @@ def tokenize_with_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+PROBE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+
+
+def check_turn_end(tokenizer, fmt: ChatFormat, template: str) -> None:
+    """Refuse a custom template whose assistant turns do not end with the end-of-turn token inside the loss.
+
+    A model trained on such a template never learns to stop. When the template closes assistant turns with
+    another token (ChatML's ``<|im_end|>``, say), the message names it and the recipe key that chooses it.
+    """
+    ids, mask = tokenize_with_mask(tokenizer, PROBE)
+    if any(m and i == fmt.eot_id for i, m in zip(ids, mask, strict=True)):
+        return
+    text = render(tokenizer, PROBE)
+    after = text[text.rfind(PROBE[-1]["content"]) + len(PROBE[-1]["content"]) :].lstrip()
+    token = re.match(r"<[^<>\s]+>", after)  # what the template closes the turn with, if a token-like string
+    found = token.group(0) if token else ""
+    problem = (
+        f"chat_template: {template} does not end assistant turns with the end-of-turn token {fmt.eot!r} inside "
+        "{% generation %}, so the model would never learn to stop; "
+    )
+    if found and found != fmt.eot:
+        raise OasstError(problem + f"it ends them with {found!r}: set eos_token: {found!r} in the recipe")
+    raise OasstError(
+        problem + "put {{ eos_token }} right after the assistant content, inside the generation block"
+    )

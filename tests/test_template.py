@@ -10,6 +10,7 @@ from oasst_peft.template import (
     PROMPTER,
     SYSTEM,
     WIDGET_PROMPTS,
+    check_turn_end,
     padded_vocab_size,
     render,
     setup_tokenizer,
@@ -125,6 +126,47 @@ def test_custom_template_needs_generation_markers(tmp_path):
         setup_tokenizer(make_tokenizer("neox"), chat_template=str(bad))
     with pytest.raises(OasstError, match="not found"):
         setup_tokenizer(make_tokenizer("neox"), chat_template=str(tmp_path / "missing.jinja"))
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}END\n{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("end", "said"),
+    [
+        ("<|im_end|>", "it ends them with '<|im_end|>': set eos_token: '<|im_end|>' in the recipe"),
+        ("", "put {{ eos_token }} right after the assistant content, inside the generation block"),
+    ],
+)
+def test_a_custom_template_must_end_assistant_turns_with_the_end_of_turn_token(tmp_path, end, said):
+    path = tmp_path / "chatml.jinja"
+    path.write_text(CHATML.replace("END", end))
+    tok = make_tokenizer("neox")
+    fmt = setup_tokenizer(tok, chat_template=str(path))
+    with pytest.raises(OasstError) as e:
+        check_turn_end(tok, fmt, str(path))
+    assert str(e.value) == (
+        f"chat_template: {path} does not end assistant turns with the end-of-turn token '<|endoftext|>' inside "
+        "{% generation %}, so the model would never learn to stop; " + said
+    )
+
+
+def test_a_custom_template_passes_with_its_end_token_chosen_or_with_eos_token(tmp_path):
+    chatml = tmp_path / "chatml.jinja"
+    chatml.write_text(CHATML.replace("END", "<|im_end|>"))
+    tok = make_tokenizer("neox")
+    fmt = setup_tokenizer(tok, eos_token="<|im_end|>", chat_template=str(chatml))
+    check_turn_end(tok, fmt, str(chatml))
+    ids, mask = tokenize_with_mask(tok, CONVERSATIONS["single"])
+    assert fmt.eot_id == tok.convert_tokens_to_ids("<|im_end|>") in [i for i, m in zip(ids, mask) if m]
+    generic = tmp_path / "generic.jinja"
+    generic.write_text(CHATML.replace("END", "{{ eos_token }}"))
+    tok = make_tokenizer("neox")
+    check_turn_end(tok, setup_tokenizer(tok, chat_template=str(generic)), str(generic))
 
 
 def test_unknown_role_is_refused():
