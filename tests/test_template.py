@@ -162,7 +162,11 @@ def test_a_custom_template_passes_with_its_end_token_chosen_or_with_eos_token(tm
     fmt = setup_tokenizer(tok, eos_token="<|im_end|>", chat_template=str(chatml))
     check_turn_end(tok, fmt, str(chatml))
     ids, mask = tokenize_with_mask(tok, CONVERSATIONS["single"])
-    assert fmt.eot_id == tok.convert_tokens_to_ids("<|im_end|>") in [i for i, m in zip(ids, mask) if m]
+    assert (
+        fmt.eot_id
+        == tok.convert_tokens_to_ids("<|im_end|>")
+        in [i for i, m in zip(ids, mask, strict=True) if m]
+    )
     generic = tmp_path / "generic.jinja"
     generic.write_text(CHATML.replace("END", "{{ eos_token }}"))
     tok = make_tokenizer("neox")
