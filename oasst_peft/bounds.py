@@ -1,4 +1,4 @@
-"""The valid ranges and names of recipe keys that pydantic's types alone do not bound (used by config.py)."""
+"""The valid ranges and names of recipe keys that pydantic's types alone do not bound (used by recipe_schema.py)."""
 
 from __future__ import annotations
 

@@ -269,3 +269,19 @@ def test_an_unknown_key_in_a_parent_recipe_names_the_parent(tmp_path):
     own = write(tmp_path, "extends: base.yaml\nmax_lenght: 1024\n", "own.yaml")  # the child's own typo first
     with pytest.raises(OasstError, match=r"own\.yaml: unknown key 'max_lenght'"):
         load_recipe(own)
+
+
+def test_a_bad_value_in_a_parent_recipe_names_the_parent_unless_the_child_sets_it(tmp_path):
+    write(tmp_path, MINIMAL + "learning_rate: fast\npeft: {mode: lora, r: -4}\n", "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\nmax_length: 1024\n", "child.yaml")
+    with pytest.raises(OasstError) as e:
+        load_recipe(child)
+    assert str(e.value).startswith(f"{tmp_path / 'base.yaml'}: learning_rate: ")
+    fixed = write(tmp_path, "extends: base.yaml\nlearning_rate: 1.0e-5\n", "fixed.yaml")
+    with pytest.raises(OasstError) as e:  # the section merges: peft.r still comes from the parent
+        load_recipe(fixed)
+    assert str(e.value).startswith(f"{tmp_path / 'base.yaml'}: peft.r: ")
+    own = write(tmp_path, "extends: base.yaml\nlearning_rate: slow\npeft: {r: 0}\n", "own.yaml")
+    with pytest.raises(OasstError) as e:
+        load_recipe(own)
+    assert str(e.value).startswith(f"{own}: learning_rate: ")
