@@ -53,6 +53,10 @@ def expand_files(key: str, option: str, paths: list[str]) -> list[Path]:
             out.extend(Path(m) for m in matches)
         elif Path(p).is_file():
             out.append(Path(p))
+        elif Path(p).is_dir():
+            raise OasstError(
+                f"datasets: {key}: {option}: {p} is a folder; name its files, or a glob such as {Path(p) / '*.jsonl'}"
+            )
         else:
             raise OasstError(f"datasets: {key}: {option}: file not found: {p}")
     return out

@@ -127,6 +127,23 @@ def test_a_mix_filtered_to_nothing_says_why(tmp_path):
         load_mix(spec, seed=0)
 
 
+def test_an_empty_file_and_a_folder_are_named(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    spec = parse_datasets([{"mine": {"data_files": str(empty), "format": "messages"}}], tmp_path)
+    with pytest.raises(OasstError) as e:
+        load_mix(spec, seed=0)
+    assert str(e.value) == f"datasets: mine: no usable conversation ({empty} has no rows)"
+    (tmp_path / "folder").mkdir()
+    spec = parse_datasets([{"mine": {"data_files": "folder", "format": "messages"}}], tmp_path)
+    with pytest.raises(OasstError) as e:
+        load_mix(spec, seed=0)
+    folder = tmp_path / "folder"
+    assert str(e.value) == (
+        f"datasets: mine: data_files: {folder} is a folder; name its files, or a glob such as {folder / '*.jsonl'}"
+    )
+
+
 # ---------------------------------------------------------------- the SFT-7 mix from a recipe
 
 
