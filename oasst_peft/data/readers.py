@@ -121,11 +121,25 @@ def _json_lines(path: Path, problems: Problems) -> Iterator[tuple[str, object]]:
         raise _read_error(path, e) from None
 
 
+WHOLE_FILE_CHECK_BYTES = 64 * 2**20  # above this, only the file's opening is looked at
+
+
 def _whole_file_is_an_object(path: Path) -> bool:
-    """A pretty-printed JSON object, whose first line alone is not JSON (not a JSON-lines file)."""
+    """A pretty-printed JSON object, whose first line alone is not JSON (not a JSON-lines file).
+
+    A file up to ``WHOLE_FILE_CHECK_BYTES`` is parsed whole; a bigger one counts when it opens with ``{``
+    alone on its line followed by an indented ``"key":``, so that one bad first line of a big JSON-lines
+    file never reads it all.
+    """
     try:
+        if path.stat().st_size <= WHOLE_FILE_CHECK_BYTES:
+            with open_binary(path) as f:
+                return isinstance(json.loads(f.read().removeprefix(BOM)), dict)
         with open_binary(path) as f:
-            return isinstance(json.loads(f.read().removeprefix(BOM)), dict)
+            head = f.read(4096).removeprefix(BOM).decode("utf-8", errors="replace").splitlines()
+        return (
+            len(head) > 1 and head[0].strip() == "{" and head[1][:1].isspace() and head[1].lstrip()[:1] == '"'
+        )
     except (OSError, EOFError, zlib.error, ValueError):
         return False
 

@@ -305,3 +305,25 @@ def test_a_pretty_printed_json_object_is_named_as_such(tmp_path):
     lines = tmp_path / "rows.jsonl"  # a bad first line of a real JSON-lines file is still skipped and counted
     lines.write_text('{not json\n{"instruction": "q", "output": "a"}\n', encoding="utf-8")
     assert dict(load("alpaca", data_files=str(lines)).dropped["train"]) == {"malformed_row": 1}
+
+
+def test_a_big_file_is_not_read_whole_to_tell_a_json_object_from_bad_lines(tmp_path, monkeypatch):
+    import oasst_peft.data.readers as readers
+
+    monkeypatch.setattr(readers, "WHOLE_FILE_CHECK_BYTES", 10)  # every file below counts as big
+    monkeypatch.setattr(readers.json, "loads", _no_whole_file(readers.json.loads))
+    path = tmp_path / "obj.json"
+    path.write_text(json.dumps({"data": [{"instruction": "q", "output": "a"}]}, indent=2), encoding="utf-8")
+    with pytest.raises(OasstError, match=r"obj\.json: one JSON object .*give a JSON list of rows"):
+        load("alpaca", data_files=str(path))
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text('{not json\n{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    assert dict(load("alpaca", data_files=str(lines)).dropped["train"]) == {"malformed_row": 1}
+
+
+def _no_whole_file(loads):
+    def guarded(text, *a, **k):
+        assert "\n" not in (text.decode() if isinstance(text, bytes) else text).strip(), "read the file whole"
+        return loads(text, *a, **k)
+
+    return guarded
