@@ -16,6 +16,7 @@ The project sends nothing anywhere itself, and turns off what the trackers would
 from __future__ import annotations
 
 import importlib.util
+import json
 import netrc
 import os
 import socket
@@ -214,3 +215,38 @@ def end_runs_callback():
                 wandb.finish()
 
     return EndTrackerRuns()
+
+
+def flat_params(data: dict, prefix: str = "recipe.", limit: int = 500) -> dict[str, str]:
+    """A nested recipe mapping as ``recipe.peft.r``-style names and short string values, for a tracker."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_params(value, f"{name}.", limit))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            out[name] = text if len(text) <= limit else text[: limit - 3] + "..."
+    return out
+
+
+def recipe_params_callback(recipe):
+    """A TrainerCallback that logs the whole recipe (``recipe.peft.r``, ``recipe.datasets`` ...) as the run's
+    parameters: the Trainer's own callbacks log its arguments and the model config, but not the adapter's
+    rank and alpha, the mode or the data mix, which is what runs are compared by."""
+    from transformers import TrainerCallback
+
+    params = flat_params(recipe.to_dict())
+
+    class RecipeParams(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            mlflow = sys.modules.get("mlflow")
+            if mlflow is not None and mlflow.active_run() is not None:
+                items = list(params.items())
+                for i in range(0, len(items), 100):  # mlflow takes at most 100 parameters per call
+                    mlflow.log_params(dict(items[i : i + 100]))
+            wandb = sys.modules.get("wandb")
+            if wandb is not None and getattr(wandb, "run", None) is not None:
+                wandb.config.update(params, allow_val_change=True)
+
+    return RecipeParams()

@@ -244,6 +244,9 @@ def train(
     batches.after_progress_bar(trainer)  # its line before the bar starts, not inside the bar's line
     trainer.add_callback(fingerprint.FingerprintCallback(run_fp.to_dict()))
     trainer.add_callback(stopper)
+    trainer.add_callback(
+        tracking.recipe_params_callback(recipe)
+    )  # after the trackers' own: their runs are open
     trainer.add_callback(tracking.end_runs_callback())
     stopper.install()
     try:

@@ -141,6 +141,10 @@ def test_mlflow_local_store_holds_the_runs_loss(tmp_path):
     assert experiment.artifact_location == (out.resolve() / "mlartifacts").as_uri()
     logged = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "loss")}
     assert logged == pytest.approx(_losses(out)) and len(logged) == 3
+    params = runs[0].data.params  # the recipe, so that runs can be compared by rank, alpha, mode and data
+    assert params["recipe.peft.r"] == "4" and params["recipe.peft.mode"] == "lora", sorted(params)
+    assert params["recipe.model_name"] == str(tmp_path / "base")
+    assert json.loads(params["recipe.datasets"])[0]["chat"]["format"] == "messages"
 
 
 def _wandb_records(path: Path):
@@ -220,3 +224,14 @@ def test_dry_run_names_a_tracker_that_is_not_installed_once_and_plainly(clean_en
         "wandb from report_to",
         "tracking: tensorboard, wandb (not installed here)",
     ]
+
+
+def test_flat_params_name_nested_keys_and_keep_values_short():
+    from oasst_peft.tracking import flat_params
+
+    got = flat_params(
+        {"peft": {"r": 16, "alpha": 32.0}, "datasets": [{"alpaca": {}}], "x": None, "s": "y" * 900}
+    )
+    assert got["recipe.peft.r"] == "16" and got["recipe.peft.alpha"] == "32.0"
+    assert got["recipe.datasets"] == '[{"alpaca": {}}]' and got["recipe.x"] == "null"
+    assert len(got["recipe.s"]) == 500 and got["recipe.s"].endswith("...")
