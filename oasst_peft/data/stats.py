@@ -154,19 +154,30 @@ def format_stats(stats: dict, console=None) -> None:
     console.print(table)
 
 
+LOSS_OPEN, LOSS_CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around the tokens with loss, where colour cannot show them
+
+
 def format_preview(preview: dict, console=None) -> None:
     """Print ``data_preview``: each example's text with the loss tokens highlighted."""
     from rich.console import Console
     from rich.text import Text
 
     console = console or Console()
+    colour = console.color_system is not None  # piped or NO_COLOR: the loss spans are bracketed instead
     for ex in preview["examples"]:
         console.rule(Text(f"{ex['dataset']} / {ex['split']}"))
-        text = Text()
+        text, inside = Text(), False
         for tok in ex["tokens"]:
+            if not colour and tok["loss"] != inside:
+                text.append(LOSS_OPEN if tok["loss"] else LOSS_CLOSE)
+                inside = bool(tok["loss"])
             text.append(tok["text"], style="bold green" if tok["loss"] else "dim")
-        console.print(text)
+        if inside:
+            text.append(LOSS_CLOSE)
+        console.print(text, highlight=False)
         trained = sum(t["loss"] for t in ex["tokens"])
+        marked = "green" if colour else f"between {LOSS_OPEN} and {LOSS_CLOSE}"
         console.print(
-            Text(f"{len(ex['tokens'])} tokens, {trained} with loss (green)", style="italic"), highlight=False
+            Text(f"{len(ex['tokens'])} tokens, {trained} with loss ({marked})", style="italic"),
+            highlight=False,
         )

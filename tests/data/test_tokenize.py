@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 from rich.console import Console
@@ -191,6 +192,14 @@ def test_preview_marks_loss_tokens_and_renders(tok, tmp_path):
     format_stats(data_stats(t), console=console)
     text = out.getvalue()
     assert "x / train" in text and "\x1b[" in text and "total" in text
+    assert "\u27e6" not in text and "with loss (green)" in text
+    piped = io.StringIO()  # no colour: the loss spans are bracketed, so the preview says the same in a file
+    format_preview(preview, console=Console(file=piped, width=100, color_system=None))
+    plain = piped.getvalue()
+    assert "\x1b[" not in plain and "with loss (between \u27e6 and \u27e7)" in plain
+    spans = re.findall("\u27e6(.*?)\u27e7", plain.replace("\n", ""), flags=re.S)
+    trained = [x["text"] for x in ex[0]["tokens"] if x["loss"]]
+    assert trained and "".join(trained).replace("\n", "") in "".join(spans), spans
 
 
 def test_unwritable_cache_dir_is_one_line(tok, tmp_path):
