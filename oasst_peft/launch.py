@@ -189,11 +189,20 @@ def launch_command(opts: LaunchOptions, argv: list[str]) -> list[str]:
     return [*cmd, "--module", CHILD_MODULE, *child]
 
 
-def check_devices(opts: LaunchOptions) -> None:
-    """On a CUDA machine, refuse more processes per node than visible GPUs (before anything starts)."""
+def check_devices(opts: LaunchOptions, say=print) -> None:
+    """On a CUDA machine, refuse more processes per node than visible GPUs (before anything starts); on a
+    CPU-only one, say when the processes outnumber the cores they can run on."""
     import torch
 
-    if opts.hostfile is not None or not torch.cuda.is_available():
+    if opts.hostfile is not None:
+        return
+    if not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if (opts.nproc or 1) > cores:
+            say(
+                f"launch: {opts.nproc} processes on {cores} CPU core(s) and no GPU: they share the cores, so this "
+                f"trains slower than --nproc {cores}"
+            )
         return
     have = torch.cuda.device_count()
     if (opts.nproc or 1) > have:
@@ -251,5 +260,5 @@ def relaunch(opts: LaunchOptions, argv: list[str], dry_run: bool = False, say=pr
     if dry_run:
         say("dry run: launch command printed, nothing started")
         return 0
-    check_devices(opts)
+    check_devices(opts, say=say)
     return run_launcher(cmd)

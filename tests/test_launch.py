@@ -252,3 +252,23 @@ def test_a_deepspeed_recipe_without_nproc_starts_one_process_under_the_launcher(
     assert lines[1].startswith("launch: ") and "--nproc-per-node 1" in lines[1]
     plain = CliRunner().invoke(app, ["train", "demo-smollm2", "--dry-run"])
     assert plain.exit_code == 0 and "launch: " not in plain.output  # no deepspeed: no launcher
+
+
+def test_more_processes_than_cpu_cores_is_said_on_a_machine_without_gpu():
+    import os
+
+    import torch
+
+    from oasst_peft.launch import check_devices
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only note")
+    cores = len(os.sched_getaffinity(0))
+    lines: list[str] = []
+    check_devices(LaunchOptions(nproc=cores), say=lines.append)
+    assert lines == []
+    check_devices(LaunchOptions(nproc=cores + 1), say=lines.append)
+    assert lines == [
+        f"launch: {cores + 1} processes on {cores} CPU core(s) and no GPU: they share the cores, so this trains "
+        f"slower than --nproc {cores}"
+    ]
