@@ -91,6 +91,10 @@ def train(
 
     Example: oasst-peft train demo-smollm2 --set max_steps=20
     """
+    if resume is not None and overwrite:
+        raise typer.BadParameter(
+            "--resume continues the run in the output dir, --overwrite replaces it: pass one"
+        )
     r = recipe_from(recipe, set_)
     resume_arg: bool | str | None = True if resume == "latest" else resume
     from oasst_peft.launch import WORKER_ENV
