@@ -9,9 +9,11 @@ From Python::
     tok.train, tok.validation["dolly15k"], data_stats(tok)
 
 Modules: ``spec`` (the recipe entries), ``registry`` (names -> converters), ``readers`` (files and
-hub rows with their locations), ``oasst_export`` (message trees -> threads), ``sources`` (the other
-datasets and the generic formats), ``conversation`` (the shape every conversation must have),
-``mix`` (split and sample), ``prepare`` (a recipe's mix, tokenized), ``tokenize`` (masks, length policy, cache), ``stats`` (stats, preview).
+hub rows with their locations), ``oasst_trees`` (an export read into message trees),
+``oasst_export`` (message trees -> threads), ``sources`` (the other datasets and the generic
+formats), ``conversation`` (the shape every conversation must have), ``mix`` (split and sample),
+``prepare`` (a recipe's mix, tokenized), ``tokenize`` (masks, length policy, cache), ``stats``
+(stats, preview).
 """
 
 from oasst_peft.data import oasst_export, sources  # noqa: F401  (register the built-in datasets)
