@@ -1,8 +1,9 @@
 """Per-GPU training memory, one formula per term, in bytes.
 
 Every term is a small function of explicit numbers with its formula in its docstring; ``memory_terms``
-adds them up for one ``Setup`` (how the model is trained) of one ``ModelShape`` (``model_info``).
-The planner's table and the recipe's own setup are in ``plan``.
+adds them up for one ``Setup`` (how the model is trained) of one ``ModelShape`` (``model_info``). The
+model-state terms (weights, adapters, gradients, optimizer, overhead) are in ``memory_states``; the
+activation terms are here. The planner's table and the recipe's own setup are in ``plan``.
 
 The activation coefficients were measured (``benchmarks/plan_accuracy.py --coefficients``) on
 transformers 5.23, peft 0.21, TRL 1.16 and torch 2.11-2.13: fp32 on CPU, bf16 under autocast on an H100.
@@ -14,20 +15,28 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from oasst_peft.errors import OasstError
+from oasst_peft.memory_states import (  # noqa: F401  (re-exported: they were defined here)
+    ADAM_STATE_BYTES,
+    ALLOCATOR_SLACK,
+    CUDA_CONTEXT_GIB,
+    CUDA_WORKSPACE_BYTES,
+    GIB,
+    LORA_BYTES,
+    MASTER_BYTES,
+    NF4_BLOCK,
+    NF4_BYTES,
+    NF4_DOUBLE_QUANT_BLOCK,
+    adapter_bytes,
+    gradient_bytes,
+    nf4_bytes_per_param,
+    optimizer_bytes,
+    overhead_bytes,
+    weight_bytes,
+    zero3_live_params,
+)
 from oasst_peft.model_info import EAGER_ONLY, Linear, ModelShape
 
-GIB = 2**30
-
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-ADAM_STATE_BYTES = 8  # AdamW keeps exp_avg and exp_avg_sq in fp32: 2 x 4 bytes per trainable parameter
-MASTER_BYTES = 4  # fp32 master copy of each trainable weight in fp16/bf16 mixed precision (full)
-LORA_BYTES = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype) even on a bf16 base
-
-# QLoRA: NF4 packs two weights per byte; each block of 64 weights has an absmax, stored as 8 bits when the
-# constants are quantized again (double quant) with one fp32 absmax per 256 of them, else as fp32.
-NF4_BYTES = 0.5
-NF4_BLOCK = 64
-NF4_DOUBLE_QUANT_BLOCK = 256
 
 # TRL's SFTTrainer computes the loss with a chunked LM head (trl.kernels.chunked_logprob): it never builds the
 # (tokens x vocab) logits, but uses a (min(tokens, 4096) x 32768) scratch tile in the compute dtype.
@@ -38,9 +47,6 @@ HEAD_VOCAB_CHUNK = 32768
 HEAD_CPU_TEMPS_FWD = 3.3
 HEAD_CPU_TEMPS_BWD = 7.25
 
-CUDA_CONTEXT_GIB = 0.5  # the CUDA context and kernels: resident, invisible to torch's allocator
-CUDA_WORKSPACE_BYTES = 64 * 2**20  # cuBLAS/cuBLASLt workspaces, allocated through torch's caching allocator
-ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, as a fraction of the other terms
 
 # Activation bytes one decoder layer keeps for the backward, per token: c_h * hidden + c_i * intermediate.
 # Keyed by (family, precision, mode); "half" is bf16/fp16 under autocast on CUDA (as the HF Trainer runs it),
@@ -128,82 +134,6 @@ def trainable_params(shape: ModelShape, setup: Setup) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # The terms, in bytes per GPU
 # ---------------------------------------------------------------------------------------------------------
-
-
-def nf4_bytes_per_param(double_quant: bool) -> float:
-    """0.5 byte per weight + the block constants: 1/64 byte (8-bit absmax) + 4/(64*256) with double quant,
-    else 4/64 (fp32 absmax)."""
-    if double_quant:
-        return NF4_BYTES + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_DOUBLE_QUANT_BLOCK)
-    return NF4_BYTES + 4 / NF4_BLOCK
-
-
-def weight_bytes(
-    mode: str,
-    params: int,
-    quantizable: int,
-    dtype_bytes: int,
-    zero_stage: int,
-    gpus: int,
-    offload_params: bool,
-    double_quant: bool = True,
-    live_params: int = 0,
-) -> float:
-    """Base-model weights resident on one GPU.
-
-    full / lora: params * dtype_bytes. qlora: quantizable * nf4_bytes_per_param + (params - quantizable) * 4
-    (embeddings, LM head, norms and biases stay unquantized and peft's prepare_model_for_kbit_training upcasts
-    them to fp32). ZeRO-3 divides by ``gpus`` and adds the gathered working set ``live_params * dtype_bytes``;
-    with parameter offload only the working set stays on the GPU.
-    """
-    if mode == "qlora":
-        resident = quantizable * nf4_bytes_per_param(double_quant) + (params - quantizable) * 4
-    else:
-        resident = params * dtype_bytes
-    if zero_stage < 3:
-        return resident
-    live = live_params * dtype_bytes
-    return live if offload_params else resident / gpus + live
-
-
-def adapter_bytes(trainable: int) -> float:
-    """LoRA adapters and added-token rows: trainable * 4 (peft keeps them in fp32)."""
-    return trainable * LORA_BYTES
-
-
-def gradient_bytes(
-    trainable: int,
-    grad_bytes: int,
-    zero_stage: int,
-    gpus: int,
-    offload_optimizer: bool,
-    mixed_precision_full: bool,
-    bucket: int,
-) -> float:
-    """Gradients on one GPU.
-
-    trainable * grad_bytes, divided by ``gpus`` from ZeRO-2 on, plus DeepSpeed's reduce bucket
-    (``bucket`` elements * grad_bytes) from ZeRO-1 on. The mixed-precision step (full, fp16/bf16) also holds
-    an fp32 copy of the gradients for the fp32 master weights (4 * trainable, / gpus from ZeRO-1 on). With
-    the optimizer offloaded that partition lives in CPU memory and only the bucket stays.
-    """
-    fp32_copy = 4 * trainable if mixed_precision_full else 0
-    if zero_stage == 0:
-        return trainable * grad_bytes + fp32_copy
-    bucket_bytes = min(bucket, trainable) * grad_bytes
-    if offload_optimizer:
-        return bucket_bytes
-    shard = trainable / gpus if zero_stage >= 2 else trainable
-    return shard * grad_bytes + fp32_copy / gpus + bucket_bytes
-
-
-def optimizer_bytes(trainable: int, master_weights: bool, zero_stage: int, gpus: int, offload: bool) -> float:
-    """AdamW state: trainable * (8 + 4 if fp32 master weights are kept), divided by ``gpus`` from ZeRO-1 on;
-    0 on the GPU when offloaded to CPU."""
-    if offload:
-        return 0.0
-    per_param = ADAM_STATE_BYTES + (MASTER_BYTES if master_weights else 0)
-    return trainable * per_param / (gpus if zero_stage >= 1 else 1)
 
 
 def _precision(setup: Setup) -> str:
@@ -316,20 +246,6 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> tuple[float, float]:
         layer_transient = grad_buffers
     head_kept, head_transient = head_bytes(shape, setup)
     return kept + mask + head_kept + max(head_transient, layer_transient), layer_transient
-
-
-def zero3_live_params(shape: ModelShape) -> int:
-    """Parameters ZeRO-3 holds gathered at once: the largest module (often the embedding) or one layer,
-    whichever is bigger, plus the prefetch bucket (HF "auto": 0.9 * hidden^2)."""
-    return max(shape.largest_param, shape.layer_params) + int(0.9 * shape.hidden**2)
-
-
-def overhead_bytes(other: float, device: str) -> float:
-    """CUDA context (CUDA_CONTEXT_GIB) + cuBLAS workspaces (CUDA_WORKSPACE_BYTES) + caching-allocator slack
-    (ALLOCATOR_SLACK * other); 0 on CPU."""
-    if device != "cuda":
-        return 0.0
-    return CUDA_CONTEXT_GIB * GIB + CUDA_WORKSPACE_BYTES + ALLOCATOR_SLACK * other
 
 
 def memory_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
