@@ -170,13 +170,8 @@ def _load_reference(base_folder: Path, adapter_dir: Path, vocab_rows, nf4, dtype
     return PeftModel.from_pretrained(model, str(adapter_dir)).to(dev)
 
 
-def _rounded_reference(ref_model, reload, out_dtype: torch.dtype, compute: torch.dtype):
-    """``ref_model`` (or, for an NF4 base, ``reload()``) merged by peft, every weight rounded to ``out_dtype``."""
-    if reload is not None:  # peft would quantize a 4-bit layer's merged weight again
-        del ref_model
-        gc.collect()
-        ref_model = reload()
-    model = ref_model.merge_and_unload()
+def _rounded(model, out_dtype: torch.dtype, compute: torch.dtype):
+    """``model`` with every weight rounded to ``out_dtype`` and kept in ``compute``, in place."""
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point():
@@ -221,15 +216,12 @@ def verify_merge(
     ref = _logits(ref_model, probes, dev)
     rounding = None
     if TOLERANCE.get(out_dtype, 1e-3) > TOLERANCE.get(compute, 1e-3):  # saved narrower than compared
-        reload = None
-        if nf4 is not None:
-
-            def reload():
-                return _load_reference(
-                    base_folder, adapter_dir, vocab_rows, nf4, ref_dtype, dev, dequantized=compute
-                )
-
-        exact, ref_model = ref, _rounded_reference(ref_model, reload, out_dtype, compute)
+        exact = ref
+        if nf4 is not None:  # peft would quantize a 4-bit layer's merged weight again: reload it dequantized
+            del ref_model
+            gc.collect()
+            ref_model = _load_reference(base_folder, adapter_dir, vocab_rows, nf4, ref_dtype, dev, compute)
+        ref_model = _rounded(ref_model.merge_and_unload(), out_dtype, compute)
         ref = _logits(ref_model, probes, dev)
         rounding = max(float((a - b).abs().max()) for a, b in zip(ref, exact, strict=True))
     del ref_model
