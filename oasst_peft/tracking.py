@@ -240,13 +240,19 @@ def recipe_params_callback(recipe):
 
     class RecipeParams(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            mlflow = sys.modules.get("mlflow")
-            if mlflow is not None and mlflow.active_run() is not None:
-                items = list(params.items())
-                for i in range(0, len(items), 100):  # mlflow takes at most 100 parameters per call
-                    mlflow.log_params(dict(items[i : i + 100]))
-            wandb = sys.modules.get("wandb")
-            if wandb is not None and getattr(wandb, "run", None) is not None:
-                wandb.config.update(params, allow_val_change=True)
+            try:
+                mlflow = sys.modules.get("mlflow")
+                if mlflow is not None and mlflow.active_run() is not None:
+                    items = list(params.items())
+                    for i in range(0, len(items), 100):  # mlflow takes at most 100 parameters per call
+                        mlflow.log_params(dict(items[i : i + 100]))
+                wandb = sys.modules.get("wandb")
+                if wandb is not None and getattr(wandb, "run", None) is not None:
+                    wandb.config.update(params, allow_val_change=True)
+            except Exception as e:  # noqa: BLE001 - a tracker's refusal must not stop the run
+                print(
+                    f"tracking: the recipe was not logged as parameters ({type(e).__name__}: {e})",
+                    file=sys.stderr,
+                )
 
     return RecipeParams()
