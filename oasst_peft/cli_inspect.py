@@ -91,7 +91,7 @@ def plan(
 
 @recipes_app.callback(invoke_without_command=True)
 def recipes(ctx: typer.Context) -> None:
-    """List shipped recipes: name, model, mode and what each is for.
+    """List shipped recipes: name, model, mode, data mix and what each is for.
 
     Example: oasst-peft recipes
     """
@@ -111,11 +111,12 @@ def list_recipes() -> None:
     from oasst_peft.config import load_recipe
     from oasst_peft.shipped import RECIPES_DIR, recipe_description, recipe_names
 
-    table = Table("name", "model", "mode", "description")
+    table = Table("name", "model", "mode", "data mix", "description")
     for name in recipe_names():
         path = RECIPES_DIR / f"{name}.yaml"
         r = load_recipe(path)
-        table.add_row(name, r.model_name, r.mode, recipe_description(path))
+        mix = ", ".join(str(next(iter(d))) if isinstance(d, dict) else str(d) for d in r.datasets)
+        table.add_row(name, r.model_name, r.mode, mix, recipe_description(path))
     Console(width=max(160, Console().width)).print(table)
 
 

@@ -79,12 +79,21 @@ def test_copy_works_where_it_is_written(tmp_path):
         shipped.copy_recipe("stablelm7b-qlora", tmp_path / "mine.yaml")
 
 
-def test_recipes_command_lists_name_model_mode_and_description():
+def test_recipes_command_lists_name_model_mode_data_mix_and_description():
     res = CliRunner().invoke(app, ["recipes"], terminal_width=200)
     assert res.exit_code == 0, res.output
-    row = next(line for line in res.output.splitlines() if "stablelm7b-qlora" in line)
+    lines = res.output.splitlines()
+    at = next(i for i, line in enumerate(lines) if "stablelm7b-qlora" in line)
+    row = lines[at]
     assert "stabilityai/stablelm-base-alpha-7b" in row and "qlora" in row
     assert "QLoRA" in row or "4-bit" in row  # the recipe's first comment line
+    rows = [row] + [line for line in lines[at + 1 :] if line.count("│") > 4][:3]
+    rows = rows[: 1 + next((i for i, line in enumerate(rows[1:]) if line.split("│")[1].strip()), 3)]
+    cells = " ".join(line.split("│")[4] for line in rows)  # the data mix column, wrapped over the row's lines
+    assert (
+        " ".join(cells.split())
+        == "oasst_export, vicuna, dolly15k, grade_school_math_instructions, code_alpaca"
+    )
     listed = CliRunner().invoke(app, ["recipes", "list"], terminal_width=200)
     assert listed.exit_code == 0 and listed.output == res.output
 
