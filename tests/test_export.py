@@ -262,6 +262,36 @@ def test_modelfile_renders_the_oasst_format_and_stops_at_end_of_turn(trained, tm
         assert float(params[key]) == float(typical[key]) == float(TYPICAL[key])
 
 
+def test_a_model_with_its_own_chat_template_gets_no_oasst_template_in_its_modelfile(trained, tmp_path):
+    import shutil
+
+    import gguf
+    from transformers import AutoTokenizer
+
+    arch, _, merged = trained
+    if arch != "llama":
+        pytest.skip("one architecture is enough")
+    own = tmp_path / "own"
+    shutil.copytree(merged, own)
+    tok = AutoTokenizer.from_pretrained(str(own))
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok.save_pretrained(str(own))
+    lines: list[str] = []
+    out = tmp_path / "gguf" / "own.gguf"
+    export_gguf(own, out, qtype="f32", say=lines.append)
+    text = (out.parent / "Modelfile").read_text(encoding="utf-8")
+    assert "TEMPLATE" not in text.replace("no TEMPLATE", "") and "ollama show NAME --template" in text
+    assert re.findall(r'^PARAMETER stop "(.*)"$', text, re.M) == [tok.eos_token]  # not <|prompter|>
+    assert any(line.startswith("modelfile: no TEMPLATE, since the model's chat template") for line in lines)
+    reader = gguf.GGUFReader(str(out))
+    assert (
+        _field(reader, "tokenizer.chat_template") == tok.chat_template
+    )  # Ollama and llama.cpp read this one
+
+
 def _one_line_error(capsys, argv) -> str:
     capsys.readouterr()  # drop what building the fixtures printed
     with pytest.raises(SystemExit) as e:

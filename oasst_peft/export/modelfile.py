@@ -7,6 +7,10 @@ token, exactly as ``oasst_peft.template`` renders it for training, and the promp
 ``<|prompter|>`` (a model that skips its end-of-turn would go on to invent the user's next turn).
 Sampling defaults are the cards' "typical sampling 0.2" (``SAMPLING_CONFIGS['typical']``).
 
+A model trained with a chat template of its own (``chat_template: my.jinja``) gets no TEMPLATE and
+stops at its end-of-turn token only: Ollama then takes the template from the one embedded in the GGUF,
+instead of being told the oasst format the model never saw (``renders_like_oasst`` decides).
+
     ollama create my-model -f Modelfile && ollama run my-model
 """
 
@@ -40,16 +44,25 @@ def ollama_template(eot: str) -> str:
     )
 
 
-def modelfile_text(gguf_name: str, eot: str, system: str | None = None, num_ctx: int | None = None) -> str:
-    """The Modelfile for ``gguf_name`` (a path relative to the Modelfile's folder)."""
+def modelfile_text(
+    gguf_name: str, eot: str, system: str | None = None, num_ctx: int | None = None, oasst: bool = True
+) -> str:
+    """The Modelfile for ``gguf_name`` (a path relative to the Modelfile's folder); ``oasst=False`` for a
+    model whose chat template is its own (no TEMPLATE: Ollama reads the GGUF's)."""
     lines = [
         "# Ollama Modelfile written by oasst-peft export: ollama create NAME -f Modelfile; ollama run NAME",
         f"FROM ./{gguf_name}",
-        f'TEMPLATE """{ollama_template(eot)}"""',
     ]
+    if oasst:
+        lines.append(f'TEMPLATE """{ollama_template(eot)}"""')
+    else:
+        lines.append(
+            "# no TEMPLATE: the model was trained with its own chat template, which the GGUF carries; "
+            "check what Ollama made of it with: ollama show NAME --template"
+        )
     if system:
         lines.append(f'SYSTEM """{system}"""')
-    for stop in dict.fromkeys((eot, PROMPTER)):
+    for stop in dict.fromkeys((eot, PROMPTER) if oasst else (eot,)):
         lines.append(f"PARAMETER stop {_go_string(stop)}")
     for key, value in TYPICAL.items():
         lines.append(f"PARAMETER {key} {value:g}")
@@ -62,3 +75,26 @@ def render_like_ollama(messages: list[dict], eot: str) -> str:
     """What ``ollama_template`` produces for ``messages`` (for tests and for the export's own check)."""
     opener = {"system": SYSTEM, "user": PROMPTER, "assistant": ASSISTANT}
     return "".join(opener[m["role"]] + m["content"] + eot for m in messages) + ASSISTANT
+
+
+PROBES = (
+    [{"role": "user", "content": "hello"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+    [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "three"},
+    ],
+)
+
+
+def renders_like_oasst(tokenizer, eot: str) -> bool:
+    """Whether the tokenizer's chat template renders the probe conversations exactly as ``ollama_template``."""
+    try:
+        return all(
+            tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+            == render_like_ollama(m, eot)
+            for m in PROBES
+        )
+    except Exception:  # noqa: BLE001 - a template of one's own may refuse a system turn, or raise otherwise
+        return False

@@ -35,7 +35,7 @@ from oasst_peft.export.gguf_model import (
     to_gguf_layout,
 )
 from oasst_peft.export.gguf_vocab import add_vocab, vocab_plan
-from oasst_peft.export.modelfile import modelfile_text
+from oasst_peft.export.modelfile import modelfile_text, renders_like_oasst
 from oasst_peft.model_files import check_folder, require_tokenizer
 
 MODELFILE = "Modelfile"
@@ -204,8 +204,14 @@ def _export(folder: Path, out: Path, qtype: str, modelfile: bool, say, name: str
     mf = None
     if modelfile:
         mf = out.parent / MODELFILE
-        atomic.write_text(mf, modelfile_text(out.name, plan.eot))
+        oasst = renders_like_oasst(tokenizer, plan.eot)
+        atomic.write_text(mf, modelfile_text(out.name, plan.eot, oasst=oasst))
         say(f"modelfile: {mf} (ollama create NAME -f {mf}; ollama run NAME)")
+        if not oasst:
+            say(
+                "modelfile: no TEMPLATE, since the model's chat template is not the oasst format; Ollama takes it "
+                "from the GGUF (check with: ollama show NAME --template)"
+            )
     return ExportReport(
         out=out,
         modelfile=mf,
