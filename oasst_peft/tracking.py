@@ -29,7 +29,7 @@ from oasst_peft.errors import OasstError, did_you_mean, shown
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 CHOICES = (*TRACKERS, "none")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-EXTRAS = {"tensorboard": "dev", "wandb": "wandb", "mlflow": "mlflow"}
+EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 WANDB_HOST = "https://api.wandb.ai"
 PROBE_TIMEOUT_S = 2.0
 # What the trackers would send home on their own (mlflow's telemetry, wandb's error reports) is off, and

@@ -187,7 +187,9 @@ def test_wandb_offline_run_folder_holds_the_history(tmp_path):
 
 def test_log_dir_of_one_run_does_not_leak_into_the_next(clean_env, tmp_path):
     """Two train() calls in one process: the second recipe has no log_dir, so its events go to its own dir."""
-    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'oasst-peft[dev]')")
+    pytest.importorskip(
+        "tensorboard", reason="tensorboard is not installed (pip install 'oasst-peft[tensorboard]')"
+    )
     from oasst_peft.train import train
 
     base = write_base(tmp_path / "base")
@@ -235,3 +237,14 @@ def test_flat_params_name_nested_keys_and_keep_values_short():
     assert got["recipe.peft.r"] == "16" and got["recipe.peft.alpha"] == "32.0"
     assert got["recipe.datasets"] == '[{"alpaca": {}}]' and got["recipe.x"] == "null"
     assert len(got["recipe.s"]) == 500 and got["recipe.s"].endswith("...")
+
+
+def test_every_tracker_names_an_extra_that_installs_it():
+    import tomllib
+
+    from oasst_peft.tracking import EXTRAS, PACKAGES
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for tracker, extra in EXTRAS.items():
+        assert any(dep.split(">")[0].split("=")[0].strip() in (PACKAGES[tracker], f"{PACKAGES[tracker]}-skinny")
+                   for dep in extras[extra]), (tracker, extra)  # fmt: skip
