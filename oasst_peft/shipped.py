@@ -169,11 +169,53 @@ def _strings(node):
             yield from _strings(v)
 
 
+def _standalone(source: Path, text: str) -> tuple[str, dict]:
+    """The text of ``source`` with its ``extends:`` chain written out, and its mapping.
+
+    The leading comment lines are kept. Data files the recipes name but do not ship (the oasst export)
+    stay relative, to be put beside the copy; every other path is rewritten by ``copy_recipe``.
+    """
+    import yaml
+
+    from oasst_peft.recipe_yaml import anchor_paths, read_recipe_file
+
+    chain, data = [], yaml.safe_load(text)
+    while isinstance(data, dict) and isinstance(data.get("extends"), str):
+        parent = (source.resolve().parent / data["extends"]).resolve()
+        chain.append(parent.name)
+        data = yaml.safe_load(parent.read_text(encoding="utf-8"))
+    folder = RECIPES_DIR.resolve()
+    merged = anchor_paths(read_recipe_file(source), folder)
+
+    def relative(node):  # back to the name the recipe gave, for a path that was made absolute here
+        if isinstance(node, dict):
+            return {k: relative(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [relative(v) for v in node]
+        if isinstance(node, str) and node.startswith(f"{folder}/"):
+            return node[len(str(folder)) + 1 :]
+        return node
+
+    merged = relative(merged)
+    header = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    header.append(
+        f"# A standalone copy of the shipped recipe {source.stem}: the keys it inherits through extends: "
+        f"({', '.join(chain)}) are written out, so every one of them can be edited here."
+    )
+    body = yaml.safe_dump(merged, sort_keys=False, allow_unicode=True, width=110)
+    return "\n".join(header) + "\n" + body, merged
+
+
 def copy_recipe(name: str, dest: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write an editable copy of shipped recipe ``name`` to ``dest`` (a file, or a folder; default: here).
 
-    The copy keeps the file's text and comments. Relative paths in it (``extends:``, data files) are
-    rewritten to the shipped files they name, so the copy works wherever it is written.
+    The copy keeps the file's text and comments; a recipe that ``extends:`` another is written out whole
+    (``_standalone``), so that every key is in the file to edit. Relative paths to shipped files (base
+    model configs, the demo's data) are rewritten to those files, so the copy works wherever it is written.
     """
     import re
 
@@ -192,6 +234,8 @@ def copy_recipe(name: str, dest: str | Path | None = None, overwrite: bool = Fal
     text = source.read_text(encoding="utf-8")
     base = source.resolve().parent
     data = yaml.safe_load(text) or {}
+    if isinstance(data, dict) and "extends" in data:  # an editable copy holds every key, not a pointer
+        text, data = _standalone(source, text)
     for value in sorted(set(_strings(data)), key=len, reverse=True):
         if not value or Path(value).is_absolute() or value.startswith(("package:", "~")):
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from oasst_peft import shipped
@@ -75,6 +76,12 @@ def test_copy_works_where_it_is_written(tmp_path):
     assert (
         load_recipe(child).to_dict() == load_recipe(shipped.RECIPES_DIR / "stablelm7b-qlora.yaml").to_dict()
     )
+    text = child.read_text()  # every key in the file to edit, not a pointer into the installed package
+    assert "extends" not in yaml.safe_load(text) and "learning_rate:" in text and "vicuna:" in text
+    assert (
+        text.startswith("# stablelm7b as QLoRA adapters")
+        and "(stablelm7b-lora.yaml, stablelm7b.yaml)" in text
+    )
     with pytest.raises(OasstError, match="already exists"):
         shipped.copy_recipe("stablelm7b-qlora", tmp_path / "mine.yaml")
 
@@ -137,3 +144,26 @@ def test_recipes_copy_to_a_path_that_cannot_be_written_is_one_line(tmp_path, cap
         main(["recipes", "copy", "demo-smollm2", str(tmp_path / "afile" / "x.yaml")])
     err = capsys.readouterr().err
     assert code.value.code == 1 and "cannot write the copy" in err and err.count("\n") == 1, err
+
+
+def test_a_copy_of_a_derived_recipe_keeps_unshipped_data_files_relative_to_itself(tmp_path, monkeypatch):
+    ship = tmp_path / "ship"
+    (ship / "data").mkdir(parents=True)
+    (ship / "data" / "small.jsonl").write_text("")
+    (ship / "parent.yaml").write_text(
+        "# The parent.\nmodel_name: org/model\ndatasets:\n"
+        "  - oasst_export: {input_file_path: my-export.jsonl.gz}\n"
+        "  - chat: {data_files: data/small.jsonl, format: messages}\n"
+    )
+    (ship / "child.yaml").write_text("# The child.\nextends: parent.yaml\nlearning_rate: 1.0e-5\n")
+    monkeypatch.setattr(shipped, "RECIPES_DIR", ship)
+    out = shipped.copy_recipe("child", tmp_path / "mine.yaml")
+    data = yaml.safe_load(out.read_text())
+    assert out == tmp_path / "mine.yaml" and out.read_text().startswith("# The child.\n")
+    assert data["model_name"] == "org/model" and data["learning_rate"] == 1e-5 and "extends" not in data
+    assert (
+        data["datasets"][0]["oasst_export"]["input_file_path"] == "my-export.jsonl.gz"
+    )  # put it beside the copy
+    assert data["datasets"][1]["chat"]["data_files"] == str(
+        ship.resolve() / "data" / "small.jsonl"
+    )  # shipped
