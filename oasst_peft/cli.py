@@ -34,7 +34,8 @@ from oasst_peft.errors import OasstError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Open-Assistant-style SFT (full, LoRA, QLoRA) from one YAML recipe, and exact adapter merges.",
+    help="Open-Assistant-style SFT (full, LoRA, QLoRA) from one YAML recipe, and exact adapter merges.\n\n"
+    "Example: oasst-peft train demo-smollm2",
 )
 
 

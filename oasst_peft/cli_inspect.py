@@ -12,8 +12,13 @@ import typer
 
 from oasst_peft.cli_options import RecipeArg, SetOpt, above_zero, recipe_from, say
 
-data_app = typer.Typer(no_args_is_help=True, help="Inspect a recipe's data mix before training.")
-recipes_app = typer.Typer(help="The shipped recipes: list them, or copy one to edit.")
+data_app = typer.Typer(
+    no_args_is_help=True,
+    help="Inspect a recipe's data mix before training.\n\nExample: oasst-peft data stats demo-smollm2",
+)
+recipes_app = typer.Typer(
+    help="The shipped recipes: list them, or copy one to edit.\n\nExample: oasst-peft recipes copy demo-smollm2 mine.yaml"
+)
 
 
 def _tokenized(r, as_json: bool = False):
@@ -101,7 +106,7 @@ def recipes(ctx: typer.Context) -> None:
 
 @recipes_app.command("list")
 def list_recipes() -> None:
-    """The same table as the bare ``oasst-peft recipes``.
+    """The same table as the bare 'oasst-peft recipes'.
 
     Example: oasst-peft recipes list
     """
