@@ -139,6 +139,25 @@ def _print_plan(
     return plan
 
 
+def _check_resume_plan(
+    recipe, out: Path, resume, tokenizer, tokenized, max_steps, run, force: bool, say
+) -> None:
+    """``--resume --dry-run``: the checkpoint a real resume would take, and whether this run may continue it."""
+    checkpoint = resolve_resume(out, resume)
+    if tokenized is None:
+        say(
+            f"resume: {Path(checkpoint).name}; not compared with this run (its data could not be tokenized here)"
+        )
+        return
+    saved = fingerprint.read_fingerprint(checkpoint)  # the process count is the launcher's, checked at start
+    processes = saved.world_size if saved is not None else 1
+    current = fingerprint.compute(
+        recipe, tokenizer, tokenized, max_steps, processes, zero=bool(run.deepspeed_path)
+    )
+    fingerprint.check_resume(checkpoint, current, force=force, say=say)
+    say(f"resume: would continue from {Path(checkpoint).name}, step {steps_done(checkpoint)}")
+
+
 @holds_output_dir  # one run per output dir, for the run's lifetime
 def train(
     recipe: Recipe,
@@ -180,7 +199,12 @@ def train(
             from oasst_peft.data import parse_datasets
 
             parse_datasets(recipe.datasets, recipe.recipe_dir)
+            say(
+                "data: not loaded or tokenized, since the tokenizer is unavailable here; the datasets list was checked"
+            )
         plan = _print_plan(recipe, out, dtype, tokenized, unavailable, max_steps, say)
+        if resume:
+            _check_resume_plan(recipe, out, resume, tokenizer, tokenized, max_steps, run, force, say)
         batching = speed.planned_batching(recipe, run)
         plan["batching"] = batching.name
         say(batching.line())

@@ -114,3 +114,21 @@ def test_resume_and_overwrite_together_are_refused_before_anything_loads(world, 
         "replaces it: pass one (see oasst-peft train --help)"
     ]
     assert not world["out"].exists()
+
+
+def test_a_dry_run_resume_checks_the_checkpoint_as_the_real_resume_would(world):
+    from oasst_peft.errors import OasstError
+
+    with pytest.raises(OasstError, match="--resume: no complete checkpoint"):
+        train(load_recipe(world["recipe"]()), resume=True, dry_run=True, say=lambda m: None)
+    train(load_recipe(world["recipe"]()), say=lambda m: None)
+    lines: list[str] = []
+    train(load_recipe(world["recipe"]()), resume=True, dry_run=True, say=lines.append)
+    assert "resume: would continue from checkpoint-4, step 4" in lines
+    with pytest.raises(
+        OasstError, match=r"checkpoint-4 cannot continue this run: the recipe changed \(max_steps"
+    ):
+        train(load_recipe(world["recipe"](max_steps=6)), resume=True, dry_run=True, say=lambda m: None)
+    lines.clear()
+    train(load_recipe(world["recipe"](max_steps=6)), resume=True, dry_run=True, force=True, say=lines.append)
+    assert any(line.startswith("resume: checkpoint-4: the recipe changed") for line in lines)

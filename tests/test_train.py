@@ -266,6 +266,8 @@ def test_dry_run_of_shipped_recipe_offline_prints_plan(path, monkeypatch):
     text = "\n".join(lines)
     assert res.dry_run and load_recipe(path).model_name in text
     assert "unavailable here" in text  # hub data and tokenizer cannot load offline; said, not crashed
+    if "tokenizer: unavailable here" in text:  # and what that leaves unchecked is said too
+        assert "data: not loaded or tokenized, since the tokenizer is unavailable here" in text
 
 
 def test_truncation_and_drops_are_reported_when_training_starts(tmp_path):
