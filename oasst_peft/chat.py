@@ -149,14 +149,15 @@ class ChatSession:
         self.conv = Conversation(system=system or None)
         self.log: list[dict] = []  # one record per reply of the current conversation
         self.earlier: list[dict] = []  # the conversations /reset ended, kept for the transcript
+        self.said: list[dict] = []  # the conversation as of the last reply: what the model answered to
         if seed is not None:
             set_seed(seed)
 
     def reset(self) -> None:
-        if self.log:  # what was said stays in the transcript
-            self.earlier.append({"messages": self.conv.messages(), "turns": self.log})
+        if self.log:  # what was said stays in the transcript (a /system set after the last reply was not)
+            self.earlier.append({"messages": self.said, "turns": self.log})
         self.conv.reset()
-        self.log = []
+        self.log, self.said = [], []
 
     def reply(self, text: str, stream=None, notice=print, stop: threading.Event | None = None) -> dict | None:
         """Answer the user turn ``text``; returns the turn record, or None when it cannot fit the context.
@@ -204,6 +205,7 @@ class ChatSession:
         stopped = stop is not None and stop.is_set() and eot is None
         answer = s.tokenizer.decode(kept, skip_special_tokens=True)
         self.conv.turns.append({"role": "assistant", "content": answer})
+        self.said = self.conv.messages()
         record = {
             "prompt": prompt_text,
             "prompt_tokens": len(ids),

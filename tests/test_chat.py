@@ -134,6 +134,14 @@ def test_commands_and_transcript_from_a_stream(run_dir, tmp_path):
     assert [m["content"] for m in before["messages"] if m["role"] == "user"] == ["hello there", "how are you"]
     assert len(before["turns"]) == 2
     assert not list(tmp_path.glob(".t.json.*"))  # no temp file left behind
+    # A system message set after the last reply of a conversation that /reset ends was never seen by it.
+    lines = "hello there\n/system be brief\n/reset\nthank you\n/exit\n"
+    result = chat(
+        run_dir, max_new_tokens=5, stdin=io.StringIO(lines), stdout=io.StringIO(), stderr=io.StringIO()
+    )
+    (before,) = result["earlier"]
+    assert [m["role"] for m in before["messages"]] == ["user", "assistant"]
+    assert [m["role"] for m in result["messages"]] == ["system", "user", "assistant"]  # the next one saw it
 
 
 def test_bad_options_are_one_line_errors(run_dir, tmp_path):
