@@ -2,7 +2,9 @@
 
 Only these are hidden, each matched by its category (or logger), the start of its message and the
 module that emits it; every other warning and log record still shows. The CLI calls ``install()``
-before it imports anything heavy. To see them all again, set ``OASST_PEFT_ALL_WARNINGS=1``.
+before it imports anything heavy; from Python, ``train()`` and ``sample()`` hide them for their own
+duration only (``hides_harmless``), so a notebook's own warnings settings are left as they were. To see
+them all again, set ``OASST_PEFT_ALL_WARNINGS=1``.
 
 Not in the list, because it was not harmless: peft's "Could not find a config file in ... will assume
 that the vocabulary was not modified" (saving an adapter trained on a GGUF base). The vocabulary was
@@ -13,6 +15,8 @@ every added row), so peft no longer guesses or warns.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import re
@@ -113,3 +117,18 @@ def uninstall() -> None:
     while _installed:
         logger, flt = _installed.pop()
         logger.removeFilter(flt)
+
+
+def hides_harmless(fn):
+    """Decorate a library entry point so that the HARMLESS messages are hidden while it runs, then restored."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _installed or os.environ.get(SHOW_ALL_ENV, "") not in ("", "0"):
+            return fn(*args, **kwargs)  # the CLI installed them already, or all are wanted
+        with warnings.catch_warnings(), contextlib.ExitStack() as undo:
+            install()
+            undo.callback(uninstall)
+            return fn(*args, **kwargs)
+
+    return wrapper

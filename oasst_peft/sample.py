@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from oasst_peft import atomic
+from oasst_peft import atomic, quiet
 from oasst_peft.errors import OasstError, did_you_mean
 from oasst_peft.sampler import load_sampler
 from oasst_peft.template import ROLES, WIDGET_PROMPTS
@@ -198,6 +198,7 @@ def _versions() -> dict:
     return out
 
 
+@quiet.hides_harmless  # the library warnings the CLI hides (oasst_peft/quiet.py), for this call only
 def sample(
     model: str | Path,
     adapter: str | Path | None = None,

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from oasst_peft import batches, curves, distributed, fingerprint, schedule, settings, speed, tracking
+from oasst_peft import batches, curves, distributed, fingerprint, quiet, schedule, settings, speed, tracking
 from oasst_peft.checkpoints import (
     STATE_FILE,
     GracefulStop,
@@ -158,6 +158,7 @@ def _check_resume_plan(
     say(f"resume: would continue from {Path(checkpoint).name}, step {steps_done(checkpoint)}")
 
 
+@quiet.hides_harmless  # the library warnings the CLI hides (oasst_peft/quiet.py), for this call only
 @holds_output_dir  # one run per output dir, for the run's lifetime
 def train(
     recipe: Recipe,

@@ -168,3 +168,24 @@ def test_a_cold_cache_trains_the_same_run_as_a_warm_one(monkeypatch, tmp_path):
     (tmp_path / "cache").rename(tmp_path / "old-cache")
     gguf_cache.cached_model_dir(gguf)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_library_call_hides_the_harmless_messages_for_its_duration_only(caplog):
+    quiet.uninstall()  # as in a fresh process that never ran the CLI
+    harmless = next(h for h in quiet.HARMLESS if h.category is FutureWarning)
+    text, module = harmless.message.replace("\\", ""), harmless.module.replace("\\", "")
+
+    @quiet.hides_harmless
+    def call():
+        warnings.warn_explicit(text, FutureWarning, "f.py", 1, module=module)
+        logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU ...")
+        warnings.warn("the user's own", UserWarning, stacklevel=1)
+
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        call()
+        assert [str(w.message) for w in seen] == ["the user's own"] and not caplog.records
+        warnings.warn_explicit(text, FutureWarning, "f.py", 1, module=module)  # after the call: shown again
+        logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU ...")
+    assert [str(w.message) for w in seen] == ["the user's own", text]
+    assert [r.getMessage() for r in caplog.records] == ["Setting accelerator to CPU. If you have GPU ..."]
