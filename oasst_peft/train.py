@@ -269,9 +269,8 @@ def train(
     batches.after_progress_bar(trainer)  # its line before the bar starts, not inside the bar's line
     trainer.add_callback(fingerprint.FingerprintCallback(run_fp.to_dict()))
     trainer.add_callback(stopper)
-    trainer.add_callback(
-        tracking.recipe_params_callback(recipe)
-    )  # after the trackers' own: their runs are open
+    # After the trackers' own callbacks, whose runs are open by then: the recipe as the run's parameters.
+    trainer.add_callback(tracking.recipe_params_callback(recipe))
     trainer.add_callback(tracking.end_runs_callback())
     stopper.install()
     try:
