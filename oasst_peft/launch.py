@@ -1,6 +1,7 @@
 """Multi-GPU and multi-node launch: ``oasst-peft train RECIPE --nproc N`` reruns itself under a launcher.
 
-Without ``--hostfile`` the launcher is torchrun (``python -m torch.distributed.run``): one node with
+Without ``--hostfile`` the launcher is torchrun (``python -m oasst_peft.torchrun``: torchrun itself,
+without its traceback when Ctrl-C ends a run): one node with
 ``--nproc N``, or several nodes started one by one with ``--nnodes``, ``--node-rank``, ``--master-addr``
 and ``--master-port``. With ``--hostfile`` it is the DeepSpeed launcher, which starts every node listed
 in the hostfile over ssh. Either way the workers run ``python -m oasst_peft.cli train ...`` with the
@@ -171,7 +172,7 @@ def launch_command(opts: LaunchOptions, argv: list[str]) -> list[str]:
             cmd += ["--master_port", str(opts.master_port)]
         # Workers read LOCAL_RANK from the environment; the CLI takes no --local_rank argument.
         return [*cmd, "--no_local_rank", "--module", CHILD_MODULE, *child]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(opts.nproc or 1)]
+    cmd = [sys.executable, "-m", "oasst_peft.torchrun", "--nproc-per-node", str(opts.nproc or 1)]
     if opts.nnodes == 1 and opts.master_addr is None and opts.master_port is None:
         cmd += ["--standalone"]  # a free local port: several single-node runs can share a machine
     else:

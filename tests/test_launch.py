@@ -54,7 +54,7 @@ def test_worker_args_drop_launcher_flags_in_both_forms():
 
 def test_single_node_torchrun_is_standalone_and_runs_the_cli_module():
     cmd = launch_command(LaunchOptions(nproc=8), ["train", "r.yaml", "--nproc", "8", "--resume"])
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "oasst_peft.torchrun"]
     assert _after(cmd, "--nproc-per-node") == "8"
     assert "--standalone" in cmd and "--master-addr" not in cmd
     i = cmd.index("--module")
@@ -154,7 +154,7 @@ def test_relaunch_runs_the_command_and_returns_its_exit_code(monkeypatch):
     lines: list[str] = []
     code = relaunch(LaunchOptions(nproc=2), ["train", "r.yaml", "--nproc", "2"], say=lines.append)
     assert code == 3
-    assert lines[0].startswith("launch: ") and "torch.distributed.run" in lines[0]
+    assert lines[0].startswith("launch: ") and "oasst_peft.torchrun" in lines[0]
     assert seen["cmd"][-2:] == ["train", "r.yaml"]
 
 
@@ -201,7 +201,7 @@ def test_seed_recipes_dry_run_on_8_gpus_prints_the_launch_line(seed, monkeypatch
     assert res.exit_code == 0, res.output
     line = next(x for x in res.output.splitlines() if x.startswith("launch: "))
     assert (
-        "-m torch.distributed.run --nproc-per-node 8 --standalone --shutdown-timeout 900 --module oasst_peft.cli train"
+        "-m oasst_peft.torchrun --nproc-per-node 8 --standalone --shutdown-timeout 900 --module oasst_peft.cli train"
         in line
     )
     assert line.endswith(f"oasst_peft.cli train {recipe}")

@@ -83,7 +83,7 @@ def _node_launch(tmp: Path, launcher: str, timeout: int) -> list[str]:
     script = tmp / "worker.py"
     script.write_text(SLOW_WORKER, encoding="utf-8")
     if launcher == "torchrun":
-        run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+        run = [sys.executable, "-m", "oasst_peft.torchrun", "--standalone", "--nproc-per-node", "1"]
         return [*run, "--shutdown-timeout", str(timeout), str(script), str(tmp)]
     info = base64.urlsafe_b64encode(json.dumps({"localhost": [0]}).encode()).decode()
     node = [sys.executable, "-m", "oasst_peft.ds_launch", "--node-launcher", f"--shutdown-timeout={timeout}"]
@@ -107,7 +107,8 @@ def test_the_launcher_waits_the_shutdown_timeout_for_a_save(tmp_path, launcher, 
         env=ranks.env(SAVE_SECONDS="4"),
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -116,11 +117,13 @@ def test_the_launcher_waits_the_shutdown_timeout_for_a_save(tmp_path, launcher, 
             assert proc.poll() is None and time.time() < deadline, "the worker did not start"
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)  # what run_launcher forwards on Ctrl-C
-        proc.wait(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert (tmp_path / "saved-0").exists() == saved
+    if launcher == "torchrun":  # oasst_peft.torchrun: the shell's status for Ctrl-C, not torchrun's traceback
+        assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
 
 
 def _stopped_together(out: Path) -> bool:
