@@ -96,9 +96,15 @@ def _format_validation_error(
     err: ValidationError, source: str, set_keys: tuple[str, ...] = (), files: list[tuple[str, dict]] = ()
 ) -> str:
     first = err.errors()[0]
+    msg = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:  # a check across keys, whose message starts with the key it is about
+        key = msg.split(":", 1)[0]
+        if key.split(".")[0] in RECIPE_KEYS:
+            if key in set_keys:
+                return f"--set {msg}"
+            return f"{_holder(list(files), tuple(key.split('.'))) or source}: {msg}"
     source = (_holder(list(files), tuple(first["loc"])) if first["loc"] else None) or source
     loc = ".".join(str(p) for p in first["loc"]) or "recipe"
-    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         desc = Recipe.model_fields.get(loc)
         hint = f" ({desc.description})" if desc and desc.description else ""
@@ -153,5 +159,5 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     data = read_recipe_file(path, check=own_keys)
     set_keys = tuple(apply_override(data, assignment) for assignment in overrides)
     for top in {k.split(".")[0] for k in set_keys} & {"datasets", *PATH_KEYS}:
-        data[top] = anchor_paths({top: data[top]}, Path.cwd())[top]  # typed here: relative to this folder
+        data[top] = anchor_paths({top: data[top]}, Path.cwd(), typed=True)[top]  # relative to this folder
     return recipe_from_dict(data, source=str(path), path=path.resolve(), set_keys=set_keys, files=files)

@@ -46,8 +46,13 @@ DATASET_PATH_OPTIONS = ("input_file_path", "data_files")
 PATH_KEYS = ("model_name", "tokenizer_name", "chat_template", "deepspeed_config")
 
 
+# What marks a value typed as a path even when no such file exists yet (not a hub id or a shipped name).
+PATH_SUFFIXES = (".json", ".jinja", ".gguf", ".yaml", ".yml")
+
+
 def _anchored(value, folder: Path, must_exist: bool):
-    """``value`` made absolute against ``folder`` when it is a relative path (that exists there)."""
+    """``value`` made absolute against ``folder`` when it is a relative path (that exists there, or, with
+    ``must_exist`` False, that is written as one)."""
     if not isinstance(value, str) or not value or value.startswith(("package:", "~")) or "\x00" in value:
         return value
     path = Path(value)
@@ -56,12 +61,21 @@ def _anchored(value, folder: Path, must_exist: bool):
     return str(folder / path)
 
 
-def anchor_paths(data: dict, folder: Path) -> dict:
+def _written_as_path(value) -> bool:
+    return isinstance(value, str) and (
+        value.startswith(("./", "../")) or value.lower().endswith(PATH_SUFFIXES)
+    )
+
+
+def anchor_paths(data: dict, folder: Path, typed: bool = False) -> dict:
     """Recipe ``data`` with its relative paths made absolute against ``folder``, the folder of the file
-    that wrote them: a parent recipe's, or the recipe a saved run copy came from."""
+    that wrote them: a parent recipe's, or the recipe a saved run copy came from.
+
+    ``typed``: the values were typed on the command line (``--set``), so a value written as a path
+    (``./ds.json``, ``mine.jinja``) is anchored even when it does not exist, for its error to name it."""
     for key in PATH_KEYS:
         if key in data:
-            data[key] = _anchored(data[key], folder, must_exist=True)
+            data[key] = _anchored(data[key], folder, must_exist=not (typed and _written_as_path(data[key])))
     entries = data.get("datasets") if isinstance(data.get("datasets"), list) else []
     for entry in entries:
         for opts in entry.values() if isinstance(entry, dict) else []:

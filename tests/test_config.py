@@ -285,3 +285,25 @@ def test_a_bad_value_in_a_parent_recipe_names_the_parent_unless_the_child_sets_i
     with pytest.raises(OasstError) as e:
         load_recipe(own)
     assert str(e.value).startswith(f"{own}: learning_rate: ")
+
+
+def test_a_cross_key_error_names_where_the_value_came_from(tmp_path, monkeypatch):
+    write(tmp_path, MINIMAL + "deepspeed_config: zero9\n", "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\nmax_length: 1024\n", "child.yaml")
+    with pytest.raises(OasstError) as e:
+        load_recipe(child)
+    assert str(e.value).startswith(f"{tmp_path / 'base.yaml'}: deepspeed_config: 'zero9' is neither")
+    with pytest.raises(OasstError) as e:
+        load_recipe("demo-smollm2", ["deepspeed_config=zero9"])
+    assert str(e.value).startswith(
+        "--set deepspeed_config: 'zero9' is neither"
+    ) and "did you mean 'zero3'" in str(e.value)
+
+
+def test_a_path_typed_with_set_is_relative_to_the_current_folder_even_when_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe("demo-smollm2", ["deepspeed_config=./missing.json", "chat_template=mine.jinja"])
+    assert r.deepspeed_config == str(tmp_path / "missing.json")
+    assert r.chat_template == str(tmp_path / "mine.jinja")
+    hub = load_recipe("demo-smollm2", ["model_name=org/name", "deepspeed_config=zero2"])
+    assert (hub.model_name, hub.deepspeed_config) == ("org/name", "zero2")  # a hub id, a shipped name
