@@ -74,6 +74,10 @@ def sft_config(
         dataset_num_proc=None,
         save_only_model=False,
         disable_tqdm=False,
+        # Every trainable parameter of a LoRA/QLoRA model (the adapters, the trained token rows) takes part in
+        # every forward, so DDP need not walk the graph for unused ones after each backward; transformers
+        # asks it to for any model that is not a PreTrainedModel, a PeftModel included (full runs: its default).
+        ddp_find_unused_parameters=False if recipe.mode != "full" else None,
         **extra,
     )
 
