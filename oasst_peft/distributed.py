@@ -35,8 +35,13 @@ def on_cpu_ranks() -> bool:
 def setup(deepspeed_config: str | None) -> dict:
     """Prepare this process for a multi-process run; returns extra ``TrainingArguments`` keyword arguments.
 
-    Call it before the model is loaded and the Trainer is built. A no-op (``{}``) for one process or on GPUs.
+    Call it before the model is loaded and the Trainer is built. A no-op (``{}``) for one process or on GPUs,
+    except that ranks other than 0 draw no library progress bars ("Loading weights" once, not once per rank).
     """
+    if world_size() > 1 and rank() != 0:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the Trainer's own bar is drawn by rank 0 only anyway
     if not on_cpu_ranks():
         return {}
     from accelerate import PartialState
