@@ -114,13 +114,14 @@ def list_recipes() -> None:
     from rich.table import Table
 
     from oasst_peft.config import load_recipe
+    from oasst_peft.data.spec import split_entry
     from oasst_peft.shipped import RECIPES_DIR, recipe_description, recipe_names
 
     table = Table("name", "model", "mode", "data mix", "description")
     for name in recipe_names():
         path = RECIPES_DIR / f"{name}.yaml"
         r = load_recipe(path)
-        mix = ", ".join(str(next(iter(d))) if isinstance(d, dict) else str(d) for d in r.datasets)
+        mix = ", ".join(split_entry(d, i)[0] for i, d in enumerate(r.datasets))
         table.add_row(name, r.model_name, r.mode, mix, recipe_description(path))
     Console(width=max(160, Console().width)).print(table)
 

@@ -97,28 +97,30 @@ def _format_validation_error(
 ) -> str:
     first = err.errors()[0]
     msg = first["msg"].removeprefix("Value error, ")
-    if not first["loc"]:  # a check across keys, whose message starts with the key it is about
-        key = msg.split(":", 1)[0]
-        if key.split(".")[0] in RECIPE_KEYS:
-            if key in set_keys:
-                return f"--set {msg}"
-            return f"{_holder(list(files), tuple(key.split('.'))) or source}: {msg}"
-    source = (_holder(list(files), tuple(first["loc"])) if first["loc"] else None) or source
-    loc = ".".join(str(p) for p in first["loc"]) or "recipe"
+    parts = tuple(first["loc"])
+    named = msg.split(":", 1)[
+        0
+    ]  # a check across keys has no loc; its message starts with the key it is about
+    across = not parts and named.split(".")[0] in RECIPE_KEYS
+    if across:
+        parts = tuple(named.split("."))
+    source = (_holder(list(files), parts) if parts else None) or source
+    loc = ".".join(str(p) for p in parts) or "recipe"
     if first["type"] == "missing":
         desc = Recipe.model_fields.get(loc)
         hint = f" ({desc.description})" if desc and desc.description else ""
         return f"{source}: missing required key '{loc}'{hint}"
     value = first.get("input")
     shown = f" (got {value!r})" if value is not None and not isinstance(value, dict | list) else ""
+    text = msg if across else f"{loc}: {msg}{shown}"
     setter = next(
         (k for k in set_keys if loc == k or loc.startswith(f"{k}.") or k.startswith(f"{loc}.")), None
     )
     if setter == loc:
-        return f"--set {loc}: {msg}{shown}"
+        return f"--set {text}"
     if setter is not None:
         source = f"--set {setter}"
-    return f"{source}: {loc}: {msg}{shown}"
+    return f"{source}: {text}"
 
 
 def recipe_from_dict(

@@ -177,17 +177,13 @@ def _standalone(source: Path, text: str) -> tuple[str, dict]:
     """
     import yaml
 
-    from oasst_peft.recipe_yaml import anchor_paths, read_recipe_file
+    from oasst_peft.recipe_yaml import read_recipe_file
 
-    chain, data = [], yaml.safe_load(text)
-    while isinstance(data, dict) and isinstance(data.get("extends"), str):
-        parent = (source.resolve().parent / data["extends"]).resolve()
-        chain.append(parent.name)
-        data = yaml.safe_load(parent.read_text(encoding="utf-8"))
+    chain: list[str] = []  # the files read, child first
+    merged = read_recipe_file(source, check=lambda _data, file: chain.append(file.name))
     folder = RECIPES_DIR.resolve()
-    merged = anchor_paths(read_recipe_file(source), folder)
 
-    def relative(node):  # back to the name the recipe gave, for a path that was made absolute here
+    def relative(node):  # back to the name the recipe gave, for a parent's path made absolute on the way
         if isinstance(node, dict):
             return {k: relative(v) for k, v in node.items()}
         if isinstance(node, list):
@@ -204,7 +200,7 @@ def _standalone(source: Path, text: str) -> tuple[str, dict]:
         header.append(line)
     header.append(
         f"# A standalone copy of the shipped recipe {source.stem}: the keys it inherits through extends: "
-        f"({', '.join(chain)}) are written out, so every one of them can be edited here."
+        f"({', '.join(chain[1:])}) are written out, so every one of them can be edited here."
     )
     body = yaml.safe_dump(merged, sort_keys=False, allow_unicode=True, width=110)
     return "\n".join(header) + "\n" + body, merged

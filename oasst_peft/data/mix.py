@@ -212,9 +212,8 @@ def skipped_lines(mix: Mix) -> list[str]:
 
 def _emptied(part: DatasetPart, what: str) -> OasstError:
     reasons = part.dropped["train"] + part.dropped["validation"]
-    spec = part.spec
-    files = spec.data_files or ([spec.input_file_path] if spec.input_file_path else [])
-    source = ", ".join(files) if files else (spec.hf_dataset_name or spec.name)
+    files = part.spec.files()
+    source = ", ".join(files) if files else (part.spec.hf_dataset_name or part.spec.name)
     why = ", ".join(f"{r}: {n}" for r, n in reasons.most_common(6)) or f"{source} has no rows"
     first = next((part.first_problem[r] for r, _ in reasons.most_common() if r in part.first_problem), "")
     hint = f"; first: {first}" if first else ""

@@ -103,7 +103,8 @@ def allowed_options(name: str) -> tuple[str, ...]:
     return (*COMMON_OPTIONS, *extra)
 
 
-def _entry(item, index: int) -> tuple[str, dict]:
+def split_entry(item, index: int) -> tuple[str, dict]:
+    """One entry of a recipe's ``datasets`` list (a name, or ``{name: {options}}``) as (name, options)."""
     if isinstance(item, str):
         return item.strip(), {}
     if isinstance(item, dict) and len(item) == 1:
@@ -174,7 +175,7 @@ def parse_datasets(raw: list, base_dir: Path | str) -> list[DatasetSpec]:
     specs: list[DatasetSpec] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(raw):
-        name, opts = _entry(item, i)
+        name, opts = split_entry(item, i)
         if not name:
             raise OasstError(f"datasets[{i}]: empty dataset name")
         seen[name] = seen.get(name, 0) + 1
