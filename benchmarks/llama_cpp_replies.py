@@ -9,8 +9,8 @@ is exported with ``oasst_peft.export.export_gguf`` to f32, f16 and q8_0, and for
 - llama.cpp's chat completion renders the same prompts with the template embedded in the GGUF: the
   text must equal training's rendering;
 - llama.cpp greedy-decodes each prompt (temperature 0, no repeat penalty) and the reply is compared
-  with the run's greedy reply in transformers (``oasst_peft.sample.sample``, adapter on the base, fp32),
-  and whether each stopped at the end-of-turn token.
+  with the run's greedy reply in transformers (``generate_replies`` on what ``oasst-peft sample``
+  loads, fp32), and whether each stopped at the end-of-turn token.
 
 Target: with f32 every reply is the same text and stops the same way. f16 and q8_0 are reported (replies
 the same, and where the first one differs), not judged: rounding may flip a near tie. Prints a table,
@@ -33,13 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 EXTRA_PROMPTS = ("How much is 673 + 949?", "Convert 12 kilometres to metres.")
 TYPES = ("f32", "f16", "q8_0")
-
-
-def transformers_replies(run: Path, prompts: list[list[dict]], max_new_tokens: int) -> list[dict]:
-    from oasst_peft.sample import sample
-
-    report = sample(run, prompts=prompts, configs=("greedy",), max_new_tokens=max_new_tokens, dtype="fp32")
-    return report["replies"]["greedy"]
 
 
 def llama_cpp_side(gguf: Path, prompts: list[list[dict]], texts: list[str], max_new_tokens: int) -> dict:
@@ -98,15 +91,17 @@ def main() -> int:
         return 2
 
     from oasst_peft.export import export_gguf
-    from oasst_peft.sample import render_prompt, widget_prompts
+    from oasst_peft.sample import generate_replies, prompt_ids, render_prompt, widget_prompts
     from oasst_peft.sampler import load_sampler
 
     prompts = [*widget_prompts(), *([{"role": "user", "content": q}] for q in EXTRA_PROMPTS)]
-    s = load_sampler(args.run, dtype="fp32")
+    s = load_sampler(args.run, dtype="fp32")  # what `oasst-peft sample RUN` loads: the adapter on the base
     texts = [render_prompt(s.tokenizer, m) for m in prompts]
-    hf_ids = [s.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    hf_ids = [prompt_ids(s.tokenizer, m) for m in prompts]
+    hf = generate_replies(
+        s.model, s.tokenizer, prompts, "greedy", args.max_new_tokens, s.eos_ids, s.pad_id, 8, 0
+    )
     del s
-    hf = transformers_replies(args.run, prompts, args.max_new_tokens)
     print(f"llama-cpp-python {llama_cpp.__version__}; run {args.run}; {len(prompts)} prompts, greedy, "
           f"{args.max_new_tokens} new tokens at most")  # fmt: skip
     ok = True
