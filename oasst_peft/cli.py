@@ -53,7 +53,7 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
     ] = False,
 ) -> None:
-    """Open-Assistant-style SFT (full, LoRA, QLoRA) from one YAML recipe, and exact adapter merges."""
+    pass  # only --version; the top-level help text is the app's own, above
 
 
 @app.command()
