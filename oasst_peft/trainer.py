@@ -106,11 +106,31 @@ class OasstSFTTrainer(SFTTrainer):
         sampler = speed.train_sampler(self.args, dataset)  # project-owned: SamplerEpoch sets its epoch
         return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
 
+    def _save(self, output_dir=None, state_dict=None):
+        if state_dict:  # DeepSpeed's copy of the weights: a tied lm_head would be written a second time
+            state_dict = reshare_tied(state_dict, self.accelerator.unwrap_model(self.model))
+        super()._save(output_dir, state_dict=state_dict)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs["use_cache"] = False
         if not self.fused_loss or _head_is_wrapped(self.model):
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def reshare_tied(state_dict: dict, model) -> dict:
+    """``state_dict`` with every name of one shared parameter pointing at one tensor again; returns it.
+
+    Under ZeRO-2 accelerate clones each tensor before saving, so a tied lm_head no longer shares the input
+    embedding's storage and ``save_pretrained`` wrote it as a second matrix (SmolLM2-135M: 651 MB instead
+    of 538). With the sharing restored, transformers keeps one copy, as in a run without DeepSpeed.
+    """
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        kept = first.setdefault(id(param), name)
+        if kept != name and kept in state_dict and name in state_dict:
+            state_dict[name] = state_dict[kept]
+    return state_dict
 
 
 def planned_steps(trainer: Trainer) -> int:

@@ -234,3 +234,26 @@ def test_resume_in_one_process_refuses_a_two_rank_zero_checkpoint(workdir):
     recipe = load_recipe(workdir / "z3full.yaml")
     with pytest.raises(OasstError, match="written by 2 process"):
         train(recipe, max_steps=4, resume=str(ckpt), output_dir=workdir / "z3-one", say=lambda _: None)
+
+
+def test_zero2_full_of_a_tied_model_saves_its_embedding_once(workdir):
+    """Under ZeRO-2 the trainer gets cloned weights; the tied lm_head must not come back as a second matrix."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer("neox")
+    make_model("bloom", tok, hidden=64).save_pretrained(workdir / "tied-base")
+    tok.save_pretrained(workdir / "tied-base")
+    recipe = write_recipe(
+        workdir, "zero2-tied", model_name=str(workdir / "tied-base"), deepspeed_config="zero2"
+    )
+    out = workdir / "zero2-tied"
+    ok(oasst_peft("train", str(recipe), "--nproc", "2", "--max-steps", "2"))
+    for folder in (out, out / "checkpoint-2"):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        assert "transformer.word_embeddings.weight" in keys and "lm_head.weight" not in keys, folder
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    base = load_file(workdir / "tied-base" / "model.safetensors")["transformer.h.0.mlp.dense_4h_to_h.weight"]
+    assert not torch.equal(model.transformer.h[0].mlp.dense_4h_to_h.weight, base)  # it trained
